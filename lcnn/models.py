@@ -1,0 +1,172 @@
+"""Model stage: build the study's timm architectures, initialise them, and move weights in and out.
+
+Everything goes through ``timm.create_model``; lcnn only adds the study's initialization schemes and
+clear errors for the mistakes users make (unknown names, weights that are not there offline, weights
+that belong to another architecture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lcnn.utils import LcnnError, atomic_save, cli
+
+INIT_SCHEMES = ("default", "trunc_normal", "kaiming", "xavier", "pretrained")
+
+
+def create(
+    timm_name: str,
+    num_classes: int,
+    img_size: int | None = None,
+    init: str = "default",
+    pretrained_file: str | None = None,
+    drop_path: float = 0.0,
+) -> nn.Module:
+    """Create a timm model for ``num_classes`` classes with the study's initialization ``init``.
+
+    ``img_size`` only reaches architectures whose pretrained config says their input size is fixed;
+    the study's seven models are all size-agnostic.
+    """
+    if not timm.is_model(timm_name):
+        close = timm.list_models(f"*{timm_name.split('_')[0]}*")[:5]
+        raise LcnnError(f"unknown timm model '{timm_name}'; use a name from timm.list_models() (close: {close})")
+    if init not in INIT_SCHEMES:
+        raise LcnnError(f"unknown init '{init}'; use one of {', '.join(INIT_SCHEMES)}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+    if init == "pretrained":
+        model = _create_pretrained(timm_name, pretrained_file, kwargs)
+    else:
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if img_size and model.pretrained_cfg.get("fixed_input_size") and model.pretrained_cfg["input_size"][-1] != img_size:
+        model = timm.create_model(timm_name, pretrained=init == "pretrained", img_size=img_size, **kwargs)
+    if init not in ("default", "pretrained"):
+        reinitialize(model, init)
+    return model
+
+
+def _create_pretrained(timm_name: str, pretrained_file: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    """Load ImageNet weights from a local file or the local Hugging Face cache, never from the network."""
+    if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise LcnnError(
+                f"pretrained_file {pretrained_file} does not exist; point baseline/variant pretrained_file at a "
+                "local .safetensors/.pth file"
+            )
+        overlay = {"file": str(pretrained_file)}
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except Exception as err:  # timm raises several types depending on where the lookup fails
+        hub_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise LcnnError(
+            f"pretrained weights for {timm_name} are not in the local Hugging Face cache ({hub_home}); "
+            "fetch them once on a machine with internet (python -c \"import timm; "
+            f"timm.create_model('{timm_name}', pretrained=True)\") or set pretrained_file "
+            f"[{type(err).__name__}]"
+        ) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def reinitialize(model: nn.Module, scheme: str) -> nn.Module:
+    """Re-initialise every conv and linear layer with ``scheme``; norms keep timm's ones/zeros."""
+    for module in model.modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        if scheme == "trunc_normal":
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        elif scheme == "kaiming":
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif scheme == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            raise LcnnError(f"unknown re-initialization scheme '{scheme}'; use trunc_normal, kaiming or xavier")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Save the model's weights as safetensors, atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    return atomic_save(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load safetensors weights, refusing (with both sides named) weights of another architecture or class count."""
+    path = Path(path)
+    if not path.is_file():
+        raise LcnnError(f"weights file {path} does not exist; train the model first (snakemake {path})")
+    try:
+        state = load_file(str(path))
+    except Exception as err:
+        raise LcnnError(f"{path} is not a readable safetensors file ({err}); delete it and retrain") from None
+    own = _unwrap(model).state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        detail = (
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            if missing or unexpected
+            else ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:2])
+        )
+        raise LcnnError(
+            f"{path} does not fit {name} with {_num_classes(model)} classes: {detail}; "
+            "load it into the architecture and class count it was trained with"
+        )
+    _unwrap(model).load_state_dict(state)
+    return model
+
+
+def _num_classes(model: nn.Module) -> int | str:
+    return getattr(_unwrap(model), "num_classes", "?")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Build a model, run one forward/backward pass at ``img_size`` and report its size (a smoke check)."""
+    model = create(cfg["timm_name"], cfg.get("num_classes", 1000), init=cfg.get("init", "default"))
+    size = cfg.get("img_size", 224)
+    out = model(torch.randn(2, 3, size, size))
+    out.float().sum().backward()
+    return {"timm_name": cfg["timm_name"], "params": count_params(model), "output_shape": list(out.shape)}
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a timm model the way lcnn does and smoke-test it.")
+    parser.add_argument("timm_name")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--init", default="default", choices=INIT_SCHEMES)
+    args = parser.parse_args(argv)
+    print(run(vars(args)))
+
+
+if __name__ == "__main__":
+    main()
