@@ -1,0 +1,1 @@
+"""Helper scripts run as ``python -m lcnn.tools.<name>`` (benchmarks and maintenance, not workflow stages)."""
