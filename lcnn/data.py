@@ -392,11 +392,13 @@ def _imagenet_candidates(cfg: dict[str, Any], classes: list[str]) -> tuple[dict,
             )
     if cfg["val_per_class"] is not None:
         val = {c: _shuffled(files, seed, "val", c) for c, files in val.items()}
-    overlap = {os.path.realpath(p) for f in train.values() for p in f} & {
-        os.path.realpath(p) for f in val.values() for p in f
-    }
-    if overlap:
-        raise LcnnError(f"{min(overlap)} is both a train and a val file; keep val_dir apart from train_dir")
+    # train and val files never coincide: compare their folders (resolving 1.3M file paths would be slow on NFS)
+    val_folders = {os.path.realpath(d) for d in {os.path.dirname(p) for files in val.values() for p in files}}
+    shared = {os.path.realpath(train_dir / c) for c in classes} & val_folders
+    if shared:
+        raise LcnnError(
+            f"{min(shared)} holds both train and val images; keep data.imagenet.val_dir apart from train_dir"
+        )
     return (train, val, f"ImageNet-1K: train_dir={train_dir}, val_dir={val_dir} ({layout})")
 
 
@@ -578,7 +580,7 @@ def _opt_int(text: str) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m lcnn.data``: prepare the subset from a JSON data section and/or individual flags."""
     p = argparse.ArgumentParser(prog="python -m lcnn.data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config-json", type=Path, help="JSON file with the config's data section (or a whole config)")
+    p.add_argument("--config-json", help="the config's data section as JSON, or a file holding it (or a whole config)")
     p.add_argument("--source", choices=SOURCES)
     p.add_argument("--root", help="output folder for the prepared subset")
     p.add_argument("--train-dir", help="ImageNet train folder (train/<wnid>/*.JPEG)")
@@ -595,10 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(p.parse_args(argv))
     cfg: dict[str, Any] = {}
     if args["config_json"]:
-        try:
-            cfg = json.loads(Path(args["config_json"]).read_text())
+        text = args["config_json"]
+        try:  # inline JSON (what the Snakemake rule passes) or a file holding it
+            cfg = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise LcnnError(f"--config-json {args['config_json']} cannot be read ({err}); pass a JSON file") from None
+            raise LcnnError(f"--config-json {text[:80]} cannot be read ({err}); pass JSON or a JSON file") from None
         if "data" in cfg and "source" not in cfg:
             cfg = cfg["data"]
     cfg["imagenet"] = dict(cfg.get("imagenet") or {})

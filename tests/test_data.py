@@ -149,6 +149,13 @@ def test_path_errors_name_the_key_and_fix(fake: FakeImageNet, clean: FakeImageNe
         data.check_paths({**cfg, "root": str(fake.base)})
     with pytest.raises(LcnnError, match=r"data.on_corrupt='maybe'"):
         data.check_paths({**cfg, "on_corrupt": "maybe"})
+    inside = fake.train_files[fake.classes[0]]  # "validation" images that are really training images
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{p.name} {fake.classes[0]}\n" for p in inside))
+    bad = {**cfg, "classes": fake.classes[:1]}
+    bad["imagenet"] = {**cfg["imagenet"], "val_dir": str(inside[0].parent), "val_labels": str(labels)}
+    with pytest.raises(LcnnError, match=r"holds both train and val images"):
+        data.run(bad)
     empty = tmp_path / "empty_tree"
     for d in ("train/n01440764", "val/n01440764"):
         (empty / d).mkdir(parents=True)
@@ -225,7 +232,7 @@ def test_cli(clean: FakeImageNet, tmp_path: Path, capsys: pytest.CaptureFixture[
     cfg_file.write_text(json.dumps({"data": clean.data_cfg(tmp_path / "out")}))
     assert data.main(["--config-json", str(cfg_file), "--per-class", "2", "--val-per-class", "all"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"] == {"train": 6, "val": 12}
-    assert data.main(["--config-json", str(cfg_file), "--check-only"]) == 0
+    assert data.main(["--config-json", json.dumps(clean.data_cfg(tmp_path / "out")), "--check-only"]) == 0
     assert "look fine" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         data.main(["--config-json", str(cfg_file), "--train-dir", "/nope"])
@@ -235,3 +242,16 @@ def test_cli(clean: FakeImageNet, tmp_path: Path, capsys: pytest.CaptureFixture[
         "lcnn error: data.imagenet.train_dir=/nope does not exist; set it to your ImageNet train folder "
         "(train/<wnid>/*.JPEG)"
     ]
+
+
+def test_loader_bench_smoke(clean: FakeImageNet, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lcnn.tools import loader_bench
+
+    data.run(clean.data_cfg(tmp_path / "prep", per_class=2))
+    argv = ["--raw-dir", str(clean.train_dir), "--prepared-root", str(tmp_path / "prep"), "--num-images", "4"]
+    assert (
+        loader_bench.main([*argv, "--min-seconds", "0.01", "--img-size", "64", "--json", str(tmp_path / "b.json")]) == 0
+    )
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["raw"]["images"] == 4 and result["prepared"]["decode_transform_images_per_s"] > 0
+    assert "prepared/raw" in capsys.readouterr().out
