@@ -1,0 +1,299 @@
+"""Numbers in the report, checked against values worked out by hand from small, hand-made study files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lcnn import report
+
+T975_DF2 = 4.302652729911275  # Student t quantiles, for the hand calculations below
+T975_DF4 = 2.7764451051977987
+REPORT_CFG = {"gain_range": [1.5, 3.5], "fast_models": ["fastnet", "slownet", "ghostnet"]}
+REPORT_CFG |= {"latency_ms": 5.0, "throughput_ips": 9800}
+
+# model -> variant -> (axis, per-seed top-1; None = that seed diverged)
+STUDY = {
+    "fastnet": {
+        "baseline": ("baseline", [70.0, 71.0, 72.0]),
+        "cosine": ("schedule", [73.0, 74.0, 75.0]),
+        "adamw": ("optimizer", [71.5, None, 72.5]),
+        "lion": ("optimizer", [None, None, None]),
+    },
+    "slownet": {
+        "baseline": ("baseline", [60.0, 62.0]),
+        "cosine": ("schedule", [61.0, 64.0]),
+        "randaug": ("augmentation", [65.0]),
+    },
+}
+
+
+def _metrics(model: str, variant: str, axis: str, seed: int, top1: float | None, device: str) -> dict:
+    div = top1 is None
+    return {
+        "model": model, "timm_name": f"{model}_timm", "variant": variant, "axis": axis, "seed": seed,
+        "status": "diverged" if div else "ok", "top1": top1, "top5": None if div else min(top1 + 20, 100.0),
+        "best_top1": top1, "best_epoch": 3, "epochs": 3, "epochs_completed": 1 if div else 3,
+        "train_images": 100, "val_images": 50, "train_seconds": 36.0, "device": device,
+        "device_type": "cuda" if device.startswith("cuda") else "cpu", "num_devices": 1, "device_hours": 0.01,
+        "peak_mem_mb": 100.0, "params": 1_000_000, "img_size": 32, "num_classes": 10, "slurm_job_id": None,
+        "diverged_at": {"epoch": 2, "step": 7} if div else None,
+    }  # fmt: skip
+
+
+def _row(form, device, precision, batch, p50, thr, status="ok", engine="torch") -> dict:
+    ok = status == "ok"
+    return {
+        "form": form, "engine": engine, "device": device, "precision": precision, "channels_last": False,
+        "batch_size": batch, "status": status, "error": None if ok else "CUDA out of memory",
+        "latency_ms_mean": p50 if ok else None, "latency_ms_p50": p50 if ok else None,
+        "latency_ms_p90": p50 if ok else None, "latency_ms_p99": p50 * 1.5 if ok else None,
+        "throughput_ips": thr if ok else None, "peak_mem_mb": 10.0, "iters": 50,
+    }  # fmt: skip
+
+
+BENCH = {
+    "fastnet": {
+        "env": {"device_name": "NVIDIA H100 80GB HBM3", "cpu_model": "Intel Xeon Gold"},
+        "checks": {"reparam_max_abs_diff": 1e-6, "onnx_max_abs_diff": 1e-6},
+        "rows": [
+            _row("trained", "cuda", "fp32", 1, 4.0, 250.0),
+            _row("trained", "cuda", "fp16", 1, 2.5, 400.0),
+            _row("onnx", "cpu", "fp32", 1, 1.0, 1000.0, engine="onnxruntime"),  # other device: never counts
+            _row("trained", "cuda", "fp16", 256, 20.0, 12000.0),
+            _row("trained", "cuda", "fp16", 512, None, None, status="oom"),
+        ],
+    },
+    "slownet": {
+        "env": {"device_name": "Intel Xeon Gold", "cpu_model": "Intel Xeon Gold"},
+        "checks": {"reparam_max_abs_diff": 0.5},  # broken re-parameterization: its speed is not honest
+        "rows": [
+            _row("trained", "cpu", "fp32", 1, 30.0, 33.0),
+            _row("reparam", "cpu", "fp32", 1, 10.0, 100.0),
+            _row("trained", "cpu", "fp32", 8, 40.0, 200.0),
+        ],
+    },
+}
+
+
+@pytest.fixture()
+def study(tmp_path: Path) -> dict:
+    """Write results, histories (with metrics/config JSON beside them) and benchmarks under tmp_path."""
+    results, histories, benchmarks = [], [], []
+    for model, variants in STUDY.items():
+        device = "cuda" if model == "fastnet" else "cpu"
+        for variant, (axis, tops) in variants.items():
+            runs = []
+            for seed, top1 in enumerate(tops):
+                m = _metrics(model, variant, axis, seed, top1, device)
+                runs.append(m)
+                run_dir = tmp_path / "runs" / model / variant / f"seed{seed}"
+                run_dir.mkdir(parents=True)
+                (run_dir / "metrics.json").write_text(json.dumps(m))
+                (run_dir / "config.json").write_text(json.dumps({"model": model, "variant": variant, "seed": seed}))
+                last = top1 if top1 is not None else float("nan")
+                hist = pd.DataFrame({"epoch": [1, 2, 3], "top1": [last - 10, last - 5, last], "top5": [0.0] * 3})
+                hist.to_csv(run_dir / "history.csv", index=False)
+                histories.append(str(run_dir / "history.csv"))
+            res = {"model": model, "variant": variant, "axis": axis, "timm_name": f"{model}_timm"}
+            res |= {"seeds": list(range(len(tops))), "runs": runs, "top1_mean": 0.0, "n_seeds": len(tops)}
+            path = tmp_path / "results" / model / f"{variant}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
+            results.append(str(path))
+        bench = {"model": model, "timm_name": f"{model}_timm", "img_size": 32, "num_classes": 10}
+        bench |= {"params": 2_500_000, "gmacs": 0.3, "flops": 0.6e9} | BENCH[model]
+        path = tmp_path / "benchmarks" / f"{model}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(bench))
+        benchmarks.append(str(path))
+    cfg = {"results": results, "histories": histories, "benchmarks": benchmarks, "report": REPORT_CFG}
+    return cfg | {"out_dir": str(tmp_path / "results" / "report")}
+
+
+@pytest.fixture()
+def built(study: dict) -> dict:
+    summary = report.run(study)
+    out = Path(study["out_dir"])
+    tables = {n: pd.read_csv(out / f"{n}.csv", keep_default_na=False, na_values=[""]) for n in report.TABLES}
+    return {"summary": summary, "out": out, "tables": tables}
+
+
+def _row_of(df: pd.DataFrame, **keys) -> pd.Series:
+    sel = df
+    for k, v in keys.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, f"expected one row for {keys}, got {len(sel)}"
+    return sel.iloc[0]
+
+
+def test_mean_ci_by_hand() -> None:
+    st = report.mean_ci([70.0, 71.0, 72.0])
+    assert st["n"] == 3 and st["mean"] == pytest.approx(71.0) and st["std"] == pytest.approx(1.0)
+    half = T975_DF2 / math.sqrt(3)
+    assert (st["ci_lo"], st["ci_hi"]) == pytest.approx((71.0 - half, 71.0 + half))
+
+
+def test_single_seed_has_no_ci() -> None:
+    st = report.mean_ci([65.0, float("nan"), None])
+    assert st["n"] == 1 and st["mean"] == 65.0
+    assert math.isnan(st["std"]) and math.isnan(st["ci_lo"]) and math.isnan(st["ci_hi"])
+    assert report.welch_gain([65.0], [60.0, 62.0])["significant"] is None
+
+
+def test_welch_gain_by_hand() -> None:
+    g = report.welch_gain([73.0, 74.0, 75.0], [70.0, 71.0, 72.0])
+    se = math.sqrt(1 / 3 + 1 / 3)
+    assert g["gain"] == pytest.approx(3.0) and g["df"] == pytest.approx(4.0)
+    assert (g["ci_lo"], g["ci_hi"]) == pytest.approx((3 - T975_DF4 * se, 3 + T975_DF4 * se))
+    assert g["significant"] is True
+    noisy = report.welch_gain([71.5, 72.5], [70.0, 71.0, 72.0])
+    assert noisy["gain"] == pytest.approx(1.0) and noisy["significant"] is False
+    assert noisy["ci_lo"] < 0 < noisy["ci_hi"]
+    worse = report.welch_gain([60.0, 60.5, 61.0], [70.0, 71.0, 72.0])
+    assert worse["significant"] is True and worse["ci_hi"] < 0  # a significant loss is still "CI excludes 0"
+
+
+def test_pareto_mask() -> None:
+    latency = [1.0, 2.0, 3.0, 2.0, float("nan"), 1.0]
+    top1 = [70.0, 75.0, 74.0, 60.0, 99.0, 70.0]
+    # 3 is dominated by 2, 4 by 1; the NaN point is never on the front; equal points do not dominate each other
+    assert report.pareto_mask(latency, top1) == [True, True, False, False, False, True]
+    thr = [100.0, 50.0, 200.0]
+    assert report.pareto_mask(thr, [70.0, 80.0, 60.0], minimize_cost=False) == [True, True, True]
+    assert report.pareto_mask(thr, [70.0, 60.0, 60.0], minimize_cost=False) == [True, False, True]
+
+
+def test_accuracy_table(built: dict) -> None:
+    acc = built["tables"]["accuracy"]
+    base = _row_of(acc, model="fastnet", variant="baseline")
+    assert base["top1_mean"] == pytest.approx(71.0) and base["top1_std"] == pytest.approx(1.0)
+    assert base["top1_ci_hi"] - base["top1_mean"] == pytest.approx(T975_DF2 / math.sqrt(3))
+    assert base["top5_mean"] == pytest.approx(91.0)
+    adamw = _row_of(acc, model="fastnet", variant="adamw")  # the diverged seed is excluded, not a zero
+    assert adamw["top1_mean"] == pytest.approx(72.0) and adamw["n_ok"] == 2 and adamw["n_diverged"] == 1
+    assert str(adamw["diverged_seeds"]) == "1" and adamw["status"] == "partly diverged"
+    lion = _row_of(acc, model="fastnet", variant="lion")
+    assert lion["status"] == "diverged" and lion["n_diverged"] == 3 and math.isnan(lion["top1_mean"])
+    one = _row_of(acc, model="slownet", variant="randaug")
+    assert one["top1_mean"] == 65.0 and math.isnan(one["top1_std"]) and math.isnan(one["top1_ci_lo"])
+    md = (built["out"] / "accuracy.md").read_text()
+    assert "n/a" in md and "diverged" in md
+
+
+def test_gains_table(built: dict) -> None:
+    gains = built["tables"]["gains"]
+    assert set(gains["variant"]) == {"cosine", "adamw", "lion", "randaug"}  # no baseline-vs-itself row
+    cos = _row_of(gains, model="fastnet", variant="cosine")
+    se = math.sqrt(2 / 3)
+    assert cos["gain"] == pytest.approx(3.0) and cos["gain_ci_lo"] == pytest.approx(3 - T975_DF4 * se)
+    assert cos["significant"] == "yes"
+    assert cos["significant_corrected"] == "no" and cos["n_compared"] == 3  # Bonferroni over 3 variants
+    adamw = _row_of(gains, model="fastnet", variant="adamw")
+    assert adamw["gain"] == pytest.approx(1.0) and adamw["n"] == 2 and adamw["n_diverged"] == 1
+    assert adamw["significant"] == "no"
+    lion = _row_of(gains, model="fastnet", variant="lion")
+    assert math.isnan(lion["gain"]) and lion["significant"] == "n/a" and lion["note"] == "all runs diverged"
+    one = _row_of(gains, model="slownet", variant="randaug")
+    assert one["gain"] == pytest.approx(4.0) and one["significant"] == "n/a" and math.isnan(one["gain_ci_lo"])
+
+
+def test_best_variants(built: dict) -> None:
+    best, axis = built["tables"]["best_variants"], built["tables"]["best_per_axis"]
+    assert _row_of(best, model="fastnet")["best_variant"] == "cosine"
+    assert _row_of(best, model="slownet")["best_variant"] == "randaug"
+    assert _row_of(axis, model="fastnet", axis="optimizer")["best_variant"] == "adamw"  # lion diverged
+    assert _row_of(axis, model="slownet", axis="schedule")["gain"] == pytest.approx(1.5)
+
+
+def test_runs_and_compute(built: dict) -> None:
+    runs = built["tables"]["runs"]
+    assert len(runs) == 17 and (runs["status"] == "diverged").sum() == 4
+    div = _row_of(runs, model="fastnet", variant="adamw", seed=1)
+    assert div["diverged_at"] == "epoch 2 step 7" and div["hours_unit"] == "GPU-hours"
+    md = (built["out"] / "runs.md").read_text()
+    assert "| diverged " in md
+    comp = built["tables"]["compute"]
+    assert _row_of(comp, model="fastnet", hours_unit="GPU-hours")["device_hours"] == pytest.approx(0.12)
+    assert _row_of(comp, model="ALL", hours_unit="CPU-hours")["device_hours"] == pytest.approx(0.05)
+    assert _row_of(comp, model="fastnet", hours_unit="GPU-hours")["epochs_completed"] == 3 * 8 + 1 * 4
+
+
+def test_latency_and_models(built: dict) -> None:
+    lat = built["tables"]["latency"]
+    assert len(lat) == 8
+    assert "| oom " in (built["out"] / "latency.md").read_text()  # never a zero for a run that did not fit
+    models = built["tables"]["models"]
+    fast = _row_of(models, model="fastnet")
+    assert fast["b1_p50_ms"] == 2.5 and fast["b1_config"] == "trained, fp16"  # the CPU ONNX row does not count
+    assert fast["max_throughput_ips"] == 12000 and fast["max_throughput_batch"] == 256
+    assert fast["params_M"] == pytest.approx(2.5) and fast["gmacs"] == pytest.approx(0.3)
+    assert fast["best_top1"] == pytest.approx(74.0) and fast["device"] == "NVIDIA H100 80GB HBM3 (cuda)"
+    slow = _row_of(models, model="slownet")
+    assert slow["b1_p50_ms"] == 30.0 and slow["excluded_forms"] == "reparam"  # broken reparam is not honest
+    assert fast["pareto_latency"] == "yes" and slow["pareto_latency"] == "no"  # fastnet is faster and better
+
+
+def test_claims(built: dict) -> None:
+    claims = built["tables"]["claims"]
+    a_fast = _row_of(claims, claim_id="a", model="fastnet")
+    assert a_fast["in_range"] == "yes" and a_fast["beyond_seed_noise"] == "yes" and a_fast["holds"] == "yes"
+    assert "Bonferroni" in a_fast["note"]
+    a_slow = _row_of(claims, claim_id="a", model="slownet")  # +4 from one seed: out of range, noise unknown
+    assert a_slow["in_range"] == "no" and a_slow["beyond_seed_noise"] == "n/a" and a_slow["holds"] == "no"
+    b_fast = _row_of(claims, claim_id="b", model="fastnet")
+    assert b_fast["holds"] == "yes" and "H100" in b_fast["device"] and "2.50 ms" in b_fast["measured"]
+    assert _row_of(claims, claim_id="b", model="slownet")["holds"] == "no"
+    assert "Intel Xeon Gold (cpu)" in _row_of(claims, claim_id="b", model="slownet")["device"]
+    assert _row_of(claims, claim_id="c", model="fastnet")["holds"] == "yes"
+    assert _row_of(claims, claim_id="c", model="slownet")["holds"] == "no"
+    assert _row_of(claims, claim_id="b", model="ghostnet")["holds"] == "n/a"  # not benchmarked: not refuted
+
+
+def test_claim_in_range_but_noisy(study: dict) -> None:
+    study["report"] = REPORT_CFG | {"gain_range": [0.5, 5.0]}
+    claims = pd.DataFrame(report.run(study)["claims"])
+    row = _row_of(claims, claim_id="a", model="fastnet")
+    assert row["in_range"] == "yes" and row["holds"] == "yes"
+    study["report"] = REPORT_CFG | {"gain_range": [0.0, 1.2]}  # adamw's +1 would be in range, but best is +3
+    row = _row_of(pd.DataFrame(report.run(study)["claims"]), claim_id="a", model="fastnet")
+    assert row["in_range"] == "no" and row["holds"] == "no"
+
+
+def test_files_written(built: dict) -> None:
+    out, summary = built["out"], built["summary"]
+    for name in report.TABLES:
+        for fmt in report.TABLE_FORMATS:
+            path = out / f"{name}.{fmt}"
+            assert path.stat().st_size > 0, path
+            assert summary["tables"][name][fmt] == str(path)
+    assert "\\begin{tabular}" in (out / "claims.tex").read_text()
+    assert "<table>" in (out / "claims.html").read_text()
+    for name in report.FIGURES:
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert summary["figures"][name] == str(out / f"{name}.png")
+    index = json.loads((out / "summary.json").read_text())
+    assert index["runs"] == {"total": 17, "ok": 13, "diverged": 4} and len(index["claims"]) == 8
+    assert (out / "report.md").exists()
+
+
+def test_cli(study: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg_file = tmp_path / "report_config.json"
+    cfg_file.write_text(json.dumps({"report": REPORT_CFG, "baseline_variant": "baseline"}))
+    out = tmp_path / "cli_out"
+    argv = ["--config-json", str(cfg_file), "--results", *study["results"], "--histories", *study["histories"]]
+    report.main([*argv, "--benchmarks", *study["benchmarks"], "--out-dir", str(out)])
+    assert (out / "summary.json").exists() and "wrote" in capsys.readouterr().out
+    inline = ["--config-json", json.dumps({"report": REPORT_CFG}), *argv[2:]]  # how the Snakemake rule passes it
+    report.main([*inline, "--out-dir", str(out / "nobench")])  # no benchmarks: timing claims say n/a, still writes
+    claims = pd.read_csv(out / "nobench" / "claims.csv", keep_default_na=False)
+    assert set(claims[claims["claim_id"] != "a"]["holds"]) == {"n/a"}
+    assert (out / "nobench" / "pareto.png").exists()
+    cfg_file.write_text(json.dumps({"report": {"gain_range": [3, 1], "latency_ms": 5, "throughput_ips": 1}}))
+    with pytest.raises(SystemExit) as err:
+        report.main([*argv, "--out-dir", str(out)])
+    assert err.value.code == 2 and "reversed" in capsys.readouterr().err
