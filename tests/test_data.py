@@ -206,7 +206,8 @@ def test_builtin_mnist(tmp_path: Path) -> None:
     with Image.open(tmp_path / "a" / a_train[0]["path"]) as img:
         assert img.format == "PNG" and img.mode == "RGB" and img.size == (32, 32)
     with pytest.raises(LcnnError, match=r"only 400 images but data.per_class=401"):
-        data.run({**cfg, "per_class": 401})
+        data.run({**cfg, "per_class": 401})  # fails before touching the prepared tree
+    assert manifest(tmp_path / "a", "train") == a_train
 
 
 def test_manifest_dataset(tmp_path: Path) -> None:
