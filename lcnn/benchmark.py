@@ -299,8 +299,7 @@ def sweep_form(
             if not unsupported and not skip_reason:
                 model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
                 if compile_model:
-                    torch._dynamo.reset()
-                    module = torch.compile(model, dynamic=False)
+                    module = _compiled(model, len(settings["batch_sizes"]))
             for batch in settings["batch_sizes"]:
                 base = {"form": form, "engine": "torch", "device": device.type, "precision": precision}
                 base.update(channels_last=cl, batch_size=batch, threads=torch.get_num_threads())
@@ -329,6 +328,16 @@ def sweep_form(
                 _log(progress_line(rows[-1]), settings["quiet"])
     model.to(memory_format=torch.contiguous_format)
     return rows
+
+
+def _compiled(model: nn.Module, n_shapes: int) -> Callable:
+    """torch.compile with one static graph per batch size; the recompile limit is raised so that no batch size
+    silently falls back to eager (dynamo's default limit is 8 graphs)."""
+    torch._dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_shapes + 4))
+    return torch.compile(model, dynamic=False)
 
 
 def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: float | None = None) -> dict[str, Any]:

@@ -186,3 +186,11 @@ def test_cli_user_errors_exit_2(tmp_path, capsys, extra):
     with pytest.raises(SystemExit) as exc:
         benchmark.main([*argv, "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("lcnn error:")
+
+
+def test_timm_parity_method_times_a_sleeping_forward():
+    from lcnn.tools import timm_parity
+
+    result = timm_parity.timm_method(Tiny(sleep_s=0.010), benchmark.make_input(2, 16, torch.device("cpu")), 1, 4)
+    assert result["step_time_ms"] >= 10.0
+    assert result["samples_per_sec"] <= 2 * 1000 / result["step_time_ms"] * (1 + 1e-9)
