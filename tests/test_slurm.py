@@ -1,0 +1,242 @@
+"""The SLURM profile on a real single-node SLURM cluster (started by ``.ci/slurm-cluster.sh``).
+
+Why: job routing (partitions, GPU types, whole-node benchmarks), retry time limits and the SLURM job ids that
+results record can only be trusted once real slurmctld/slurmd/slurmdbd daemons have run them. The cluster is
+started once per session; where this machine cannot host one (not root, not Debian, offline) the tests skip
+with the script's one-line reason, except under ``CI=true`` where that is a failure. The session stops the
+daemons it started (set ``LCNN_SLURM_KEEP=1`` to leave them running between local test runs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
+PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
+TINY = REPO / "tests" / "data" / "tiny.yaml"
+
+# Partition names deliberately differ from the profile's placeholders, so a value the override missed fails.
+CLUSTER = {
+    "LCNN_SLURM_CPU_PARTITION": os.environ.get("LCNN_SLURM_CPU_PARTITION", "ci-cpu"),
+    "LCNN_SLURM_GPU_PARTITION": os.environ.get("LCNN_SLURM_GPU_PARTITION", "ci-gpu"),
+    "LCNN_SLURM_BENCH_PARTITION": os.environ.get("LCNN_SLURM_BENCH_PARTITION", "ci-l40s"),
+    "LCNN_SLURM_GPU_TYPE": os.environ.get("LCNN_SLURM_GPU_TYPE", "a100"),
+    "LCNN_SLURM_BENCH_GPU_TYPE": os.environ.get("LCNN_SLURM_BENCH_GPU_TYPE", "l40s"),
+    "LCNN_SLURM_ACCOUNT": os.environ.get("LCNN_SLURM_ACCOUNT", "lcnn_ci"),
+    "LCNN_SLURM_NODE_CPUS": os.environ.get("LCNN_SLURM_NODE_CPUS", "32"),
+}
+START_TIMEOUT_S = 900  # a first start installs the Debian packages
+WORKFLOW_TIMEOUT_S = int(os.environ.get("LCNN_SLURM_TEST_TIMEOUT", "1500"))
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def _slurmctld_running() -> bool:
+    pid_file = Path("/run/slurmctld.pid")
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the cluster (idempotent) and yield its settings; stop what this session started."""
+    if not SCRIPT.exists():
+        pytest.fail(f"{SCRIPT} is missing")
+    env = os.environ | CLUSTER
+    was_up = _slurmctld_running()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        ["timeout", "-k", "20", str(START_TIMEOUT_S), "bash", str(SCRIPT), "start"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode == 3:
+        reason = lines[-1] if lines else "cannot start a SLURM cluster here"
+        if _in_ci():
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    if proc.returncode != 0:
+        pytest.fail(f".ci/slurm-cluster.sh start failed (exit {proc.returncode}):\n" + "\n".join(lines[-40:]))
+    info = dict(CLUSTER, start_seconds=round(time.monotonic() - t0, 1))
+    print(f"\nSLURM cluster up in {info['start_seconds']}s: {lines[-1] if lines else ''}")
+    yield info
+    if not was_up and not os.environ.get("LCNN_SLURM_KEEP"):
+        subprocess.run(["timeout", "-k", "10", "120", "bash", str(SCRIPT), "stop"], env=env, check=False)
+
+
+def make_profile(dest: Path, cluster: dict, **overrides) -> Path:
+    """profiles/slurm with its anchored cluster block pointed at the test cluster; everything else verbatim.
+
+    Only the values of the anchors in the ``x-lcnn-cluster`` block are replaced (exactly what a user edits),
+    plus top-level CI-speed ``overrides`` (e.g. a 2 s first status check instead of 40 s).
+    """
+    anchors = {
+        "account": cluster["LCNN_SLURM_ACCOUNT"],
+        "cpu_partition": cluster["LCNN_SLURM_CPU_PARTITION"],
+        "gpu_partition": cluster["LCNN_SLURM_GPU_PARTITION"],
+        "bench_partition": cluster["LCNN_SLURM_BENCH_PARTITION"],
+        "gpu_model": cluster["LCNN_SLURM_GPU_TYPE"],
+        "bench_gpu_model": cluster["LCNN_SLURM_BENCH_GPU_TYPE"],
+    }
+    text = PROFILE.read_text()
+    for name, value in anchors.items():
+        text, n = re.subn(rf"(&{name}\s+)\S+", lambda m, v=value: m.group(1) + v, text)
+        assert n == 1, f"anchor &{name} should be defined exactly once in {PROFILE}"
+    profile = yaml.safe_load(text)
+    profile.update({"slurm-init-seconds-before-status-checks": 2, "latency-wait": 5} | overrides)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return dest
+
+
+def run_snakemake(args: list[str], cwd: Path, timeout_s: int, log: Path) -> tuple[int, str, float]:
+    """Run snakemake (this venv's) under ``timeout -k``: with jobs in flight it may ignore SIGTERM."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env.pop("SLURM_JOB_ID", None)
+    t0 = time.monotonic()
+    with log.open("w") as fh:
+        proc = subprocess.run(
+            ["timeout", "-k", "20", str(timeout_s), sys.executable, "-m", "snakemake", *args],
+            cwd=cwd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    return proc.returncode, log.read_text(), time.monotonic() - t0
+
+
+def submitted_job_ids(snakemake_log: str) -> list[str]:
+    return re.findall(r"submitted with SLURM jobid (\d+)", snakemake_log)
+
+
+def sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Accounting records of the given jobs (allocations only, not steps), keyed by job id."""
+    fields = ["JobID", "Partition", "State", "AllocCPUS", "Timelimit", "AllocTRES", "Comment", "ExitCode"]
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", ",".join(fields), "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [dict(zip(fields, line.split("|"))) for line in out.strip().splitlines()]
+    return {r["JobID"]: r for r in rows}
+
+
+def rule_of(row: dict[str, str]) -> str:
+    """The rule a job ran: the SLURM plugin writes ``rule_<name>[_wildcards_<...>]`` as the job comment."""
+    return re.sub(r"_wildcards_.*$", "", row["Comment"]).removeprefix("rule_")
+
+
+def fail_msg(log_text: str, workdir: Path) -> str:
+    """The snakemake log tail plus the failed jobs' SLURM and rule logs, so a CI failure explains itself."""
+    parts = [log_text[-6000:]]
+    for path in sorted(re.findall(r"log: (\S+\.log)", log_text))[:6]:
+        p = Path(path) if Path(path).is_absolute() else workdir / path
+        if p.exists():
+            parts.append(f"--- {p}\n{p.read_text()[-3000:]}")
+    return "\n".join(parts)
+
+
+TOY_SNAKEFILE = textwrap.dedent(
+    r"""
+    # Same rule names as the lcnn workflow, so profiles/slurm routes each of them; shells record where they ran.
+    localrules: all, collect_seeds
+
+    WHERE = "job=${{SLURM_JOB_ID:-none}} partition=${{SLURM_JOB_PARTITION:-none}} gpus=${{CUDA_VISIBLE_DEVICES:-none}}"
+
+    rule all:
+        input: "results/report.txt"
+
+    rule prepare_data:
+        output: "data/prepared.txt"
+        shell: "echo " + WHERE + " > {output}"
+
+    rule train:
+        input: "data/prepared.txt"
+        output: "runs/{model}/seed{seed}.txt"
+        resources: gpu=1
+        # run a/seed0 fails its first attempt: the retry must get a longer time limit
+        shell:
+            "echo " + WHERE + " attempt_runtime={resources.runtime} > {output}; "
+            "if [ {wildcards.model}{wildcards.seed} = a0 ] && [ ! -e {output}.failed ]; then "
+            "touch {output}.failed; rm {output}; exit 1; fi"
+
+    rule collect_seeds:
+        input: expand("runs/{{model}}/seed{seed}.txt", seed=[0, 1])
+        output: "results/{model}.txt"
+        shell: "cat {input} > {output}; echo collect " + WHERE + " >> {output}"
+
+    rule benchmark:
+        input: "results/{model}.txt"
+        output: "benchmarks/{model}.txt"
+        resources: gpu=1
+        shell: "echo " + WHERE + " > {output}"
+
+    rule report:
+        input: expand("benchmarks/{model}.txt", model=["a", "b"])
+        output: "results/report.txt"
+        shell: "cat {input} > {output}; echo report " + WHERE + " >> {output}"
+    """
+)
+
+
+def test_profile_routes_rules_and_grows_time_limit_on_retry(slurm_cluster, tmp_path):
+    """profiles/slurm on a toy workflow with lcnn's rule names: partitions, GPU types, exclusive benchmark
+    node, local collect_seeds, and a failed training job retried with twice the time limit."""
+    c = slurm_cluster
+    work = tmp_path / "toy"
+    work.mkdir()
+    (work / "Snakefile").write_text(TOY_SNAKEFILE)
+    profile = make_profile(tmp_path / "profile", c)
+    rc, log, seconds = run_snakemake(["--profile", str(profile)], work, 600, tmp_path / "snakemake.log")
+    print(f"toy workflow through SLURM: {seconds:.0f}s")
+    assert rc == 0, fail_msg(log, work)
+
+    jobs = sacct(submitted_job_ids(log))
+    by_rule: dict[str, list[dict]] = {}
+    for row in jobs.values():
+        by_rule.setdefault(rule_of(row), []).append(row)
+    assert sorted(by_rule) == ["benchmark", "prepare_data", "report", "train"], by_rule.keys()
+    assert len(by_rule["train"]) == 5 and len(by_rule["benchmark"]) == 2  # 4 runs + 1 retry
+
+    for row in by_rule["prepare_data"] + by_rule["report"]:
+        assert row["Partition"] == c["LCNN_SLURM_CPU_PARTITION"] and row["State"] == "COMPLETED", row
+    for row in by_rule["train"]:
+        assert row["Partition"] == c["LCNN_SLURM_GPU_PARTITION"], row
+        assert f"gres/gpu:{c['LCNN_SLURM_GPU_TYPE']}=1" in row["AllocTRES"], row
+    failed = [r for r in by_rule["train"] if r["State"] != "COMPLETED"]
+    assert [r["State"] for r in failed] == ["FAILED"] and failed[0]["Timelimit"] == "12:00:00", failed
+    retried = [r for r in by_rule["train"] if r["Comment"] == failed[0]["Comment"] and r is not failed[0]]
+    assert len(retried) == 1 and retried[0]["State"] == "COMPLETED", retried
+    assert retried[0]["Timelimit"] == "1-00:00:00", "runtime: 720*attempt should double on the retry"
+    for row in by_rule["benchmark"]:
+        assert row["Partition"] == c["LCNN_SLURM_BENCH_PARTITION"] and row["State"] == "COMPLETED", row
+        assert f"gres/gpu:{c['LCNN_SLURM_BENCH_GPU_TYPE']}=1" in row["AllocTRES"], row
+        assert row["AllocCPUS"] == c["LCNN_SLURM_NODE_CPUS"], f"--exclusive should give the whole node: {row}"
+
+    assert "collect job=none" in (work / "results" / "a.txt").read_text(), "collect_seeds is a local rule"
+    assert re.search(
+        r"report job=\d+ partition=" + re.escape(c["LCNN_SLURM_CPU_PARTITION"]),
+        (work / "results" / "report.txt").read_text(),
+    )
+    logs = list((work / "logs" / "slurm").rglob("*.log"))
+    assert len(logs) == len(jobs), "every job's SLURM log is kept under logs/slurm/"
