@@ -191,12 +191,16 @@ def _int8(fp32_path: Path, fp32_session, model: nn.Module, img_size: int, settin
     """Dynamic int8 quantization: time it and record how far its predictions move from fp32."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        int8_path = fp32_path.with_name("model.int8.onnx")
+        pre_path, int8_path = fp32_path.with_name("model.pre.onnx"), fp32_path.with_name("model.int8.onnx")
         sink = io.StringIO()
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
-            quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+            # ORT's recommended pre-processing (shape inference + graph optimization); without it weights that the
+            # exporter left behind shared/folded nodes are not seen as initializers and quantization fails
+            quant_pre_process(str(fp32_path), str(pre_path))
+            quantize_dynamic(str(pre_path), str(int8_path), weight_type=QuantType.QInt8)
         session = ort_session(int8_path, settings["onnx_threads"])
         if settings["val_manifest"]:
             checks.update(_val_top1(fp32_session, session, model, img_size, settings))
@@ -221,10 +225,12 @@ def _val_top1(fp32_session, int8_session, model: nn.Module, img_size: int, setti
 
     data_cfg = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
     dataset = ManifestDataset(settings["val_manifest"], transform=create_transform(**data_cfg, is_training=False))
-    n = min(len(dataset), settings["val_limit"])
+    # evenly spaced indices: manifests are sorted by class, so the first N images would cover few classes
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), settings["val_limit"])).astype(int))
+    n = len(indices)
     hits, agree = np.zeros(2), 0
-    for i in range(n):
-        image, label = dataset[i]
+    for i in indices:
+        image, label = dataset[int(i)]
         x = image.unsqueeze(0).numpy()
         preds = [int(_run(s, x).argmax(-1)[0]) for s in (fp32_session, int8_session)]
         hits += [p == label for p in preds]

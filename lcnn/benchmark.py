@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
 import sys
 import time
@@ -506,12 +507,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _config_section(text: str) -> dict[str, Any]:
+    """The benchmark section from --config-json: inline JSON or a file, holding the section or a whole config."""
+    if text.lstrip().startswith("{"):
+        try:
+            section = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LcnnError(f"--config-json is not valid JSON ({err})") from None
+    else:
+        section = read_json(text)
+    if isinstance(section, dict) and isinstance(section.get("benchmark"), dict):
+        section = section["benchmark"]
+    if not isinstance(section, dict):
+        raise LcnnError("--config-json must hold the config's benchmark section as a JSON object")
+    return dict(section)
+
+
 @cli
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    section = dict(read_json(args.config_json)) if args.config_json else {}
-    if not isinstance(section, dict):
-        raise LcnnError(f"{args.config_json} must hold the benchmark section as a JSON object")
+    section = _config_section(args.config_json) if args.config_json else {}
     overrides = {k: v for k, v in vars(args).items() if k in DEFAULTS and k != "img_size" and v is not None}
     if args.channels_last:
         overrides["channels_last"] = {"both": [False, True], "on": [True], "off": [False]}[args.channels_last]

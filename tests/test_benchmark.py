@@ -140,9 +140,26 @@ def test_non_reparameterizable_model_has_no_reparam_form():
     assert not rows_by(result, form="reparam") and result["checks"]["reparam_max_abs_diff"] is None
 
 
+def write_manifest(root, n_classes=2, per_class=3):
+    """A tiny val.csv + classes.txt in the data stage's layout."""
+    from PIL import Image
+
+    lines = ["path,wnid,label"]
+    for label in range(n_classes):
+        (root / "val" / f"c{label}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 40), (60 * label, 20 * i, 90)).save(root / "val" / f"c{label}" / f"{i}.png")
+            lines.append(f"val/c{label}/{i}.png,c{label},{label}")
+    (root / "classes.txt").write_text("".join(f"c{k}\n" for k in range(n_classes)))
+    (root / "val.csv").write_text("\n".join(lines) + "\n")
+    return root / "val.csv"
+
+
 def test_onnx_path_matches_eager_and_reports_speedup(tmp_path):
     onnx_out = tmp_path / "m.onnx"
+    manifest = write_manifest(tmp_path / "data")
     bench = settings(onnx=True, onnx_int8=True, onnx_threads=1, iters=3, onnx_out=str(onnx_out))
+    bench.update(val_manifest=str(manifest), val_limit=4)
     result = benchmark.benchmark_model(models.create("mobilenetv3_large_100", 10), {"img_size": 64, "benchmark": bench})
     onnx, int8 = rows_by(result, form="onnx")[0], rows_by(result, form="onnx_int8")[0]
     assert onnx["status"] == "ok" and onnx["engine"] == "onnxruntime" and onnx["threads"] == 1
@@ -150,7 +167,8 @@ def test_onnx_path_matches_eager_and_reports_speedup(tmp_path):
     checks = result["checks"]
     assert checks["onnx_max_abs_diff"] < 1e-3 and checks["onnx_ok"]
     assert checks["onnx_vs_eager_speedup_b1"] == pytest.approx(checks["onnx_eager_b1_p50_ms"] / onnx["latency_ms_p50"])
-    assert 0.0 <= checks["onnx_int8_top1_agreement"] <= 1.0
+    assert 0.0 <= checks["onnx_int8_top1_agreement"] <= 1.0 and "4 images" in checks["onnx_int8_check"]
+    assert checks["onnx_int8_top1_change"] == checks["onnx_int8_top1"] - checks["onnx_fp32_top1"]
     assert onnx_out.stat().st_size > 0
 
 
@@ -194,3 +212,12 @@ def test_timm_parity_method_times_a_sleeping_forward():
     result = timm_parity.timm_method(Tiny(sleep_s=0.010), benchmark.make_input(2, 16, torch.device("cpu")), 1, 4)
     assert result["step_time_ms"] >= 10.0
     assert result["samples_per_sec"] <= 2 * 1000 / result["step_time_ms"] * (1 + 1e-9)
+
+
+def test_config_json_accepts_inline_file_and_whole_config(tmp_path):
+    whole = tmp_path / "config.json"
+    whole.write_text(json.dumps({"seeds": [0], "benchmark": {"iters": 7}}))
+    assert benchmark._config_section('{"iters": 3}') == {"iters": 3}
+    assert benchmark._config_section(str(whole)) == {"iters": 7}
+    with pytest.raises(benchmark.LcnnError):
+        benchmark._config_section("[1, 2]")
