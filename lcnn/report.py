@@ -456,7 +456,7 @@ def claims_table(
             measured = f"{thr:.0f} images/s at batch {int(m['max_throughput_batch'])} ({m['max_throughput_config']})"
             note = "best batch size on the benchmark device"
             rows.append(row | {"measured": measured, "holds": _yn(thr > rep["throughput_ips"]), "note": note})
-    cols = ["claim_id", "claim", "model", "measured", "device", "in_range", "beyond_seed_noise", "holds", "note"]
+    cols = ["claim_id", "model", "claim", "measured", "holds", "in_range", "beyond_seed_noise", "device", "note"]
     return pd.DataFrame(rows, columns=cols)
 
 
