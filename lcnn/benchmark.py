@@ -480,11 +480,12 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark a timm model's inference (latency, throughput, ONNX).")
-    p.add_argument("--timm-name", required=True, help="timm architecture, e.g. mobilenetv3_large_100")
-    p.add_argument("--model-name", help="study name for the output (default: the timm name)")
+    p.add_argument("--timm-name", help="timm architecture, e.g. mobilenetv3_large_100 (or from --run-config)")
+    p.add_argument("--model-name", help="study name for the output (default: the run config's model or timm name)")
     p.add_argument("--weights", help="safetensors weights (default: random init, for timing only)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--img-size", type=int, help="training resolution (default: the model's own)")
+    p.add_argument("--run-config", help="a training run's config.json: supplies timm_name, num_classes, img_size")
+    p.add_argument("--num-classes", type=int, help="classifier classes (default: run config's, else 1000)")
+    p.add_argument("--img-size", type=int, help="training resolution (default: run config's, else the model's)")
     p.add_argument("--config-json", help="JSON file holding the config's benchmark section; flags override it")
     p.add_argument("--out", help="output JSON (default: benchmarks/{model}.json)")
     p.add_argument("--bench-img-size", type=int, dest="bench_img_size", help="benchmark resolution override")
@@ -533,13 +534,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bench_img_size:
         overrides["img_size"] = args.bench_img_size
     section.update(overrides)
-    model_name = args.model_name or args.timm_name
+    run_cfg = read_json(args.run_config) if args.run_config else {}
+    timm_name = args.timm_name or run_cfg.get("timm_name")
+    if not timm_name:
+        raise LcnnError("name the model: --timm-name NAME, or --run-config runs/.../config.json")
+    model_name = args.model_name or run_cfg.get("model") or timm_name
     cfg = {
         "model_name": model_name,
-        "timm_name": args.timm_name,
+        "timm_name": timm_name,
         "weights": args.weights,
-        "num_classes": args.num_classes,
-        "img_size": args.img_size,
+        "num_classes": args.num_classes or run_cfg.get("num_classes") or 1000,
+        "img_size": args.img_size or run_cfg.get("img_size"),
         "out": args.out or f"benchmarks/{model_name}.json",
         "benchmark": section,
     }

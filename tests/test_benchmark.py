@@ -198,6 +198,17 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "trained   fp32 cl=off b=1" in capsys.readouterr().err
 
 
+def test_cli_takes_model_from_run_config(tmp_path):
+    run_config = tmp_path / "config.json"
+    run_config.write_text(json.dumps({"model": "r18", "timm_name": "resnet18", "num_classes": 3, "img_size": 32}))
+    out = tmp_path / "b.json"
+    argv = ["--run-config", str(run_config), "--config-json", '{"batch_sizes": [1], "precisions": ["fp32"]}']
+    benchmark.main([*argv, "--channels-last", "off", "--iters", "2", "--no-onnx", "--no-reparam", "--out", str(out)])
+    result = json.loads(out.read_text())
+    got = (result["model"], result["timm_name"], result["num_classes"], result["img_size"])
+    assert got == ("r18", "resnet18", 3, 32)
+
+
 @pytest.mark.parametrize("extra", [["--precisions", "fp8"], ["--weights", "missing.safetensors"]])
 def test_cli_user_errors_exit_2(tmp_path, capsys, extra):
     argv = ["--timm-name", "resnet18", "--num-classes", "4", "--img-size", "32", "--no-onnx", *extra]
