@@ -360,15 +360,21 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
     rows = sweep_form("trained", model, settings, device, img_size, probe)
 
     deploy, deploy_form = model, "trained"
-    fused = reparameterized(model) if settings["reparameterize"] else None
+    fused, skip = None, None
+    try:
+        fused = reparameterized(model) if settings["reparameterize"] else None
+        if fused is not None:
+            abs_diff, rel_diff = output_diff(model, fused, img_size, device)
+            checks.update(reparam_max_abs_diff=abs_diff, reparam_rel_diff=rel_diff, reparam_ok=rel_diff <= REL_TOL)
+            forms["reparam"] = {"params": count_params(fused), "flops": count_flops(fused, img_size, device)}
+            if rel_diff > REL_TOL:
+                skip = f"reparameterized outputs differ from trained (rel diff {rel_diff:.2e} > {REL_TOL})"
+    except Exception as err:  # a broken fuse() must not lose the trained rows
+        skip, fused = f"reparameterization failed: {_error_text(err)}", fused or model
+        checks["reparam_ok"] = False
     if fused is not None:
-        abs_diff, rel_diff = output_diff(model, fused, img_size, device)
-        ok = rel_diff <= REL_TOL
-        checks.update(reparam_max_abs_diff=abs_diff, reparam_rel_diff=rel_diff, reparam_ok=ok)
-        forms["reparam"] = {"params": count_params(fused), "flops": count_flops(fused, img_size, device)}
-        skip = None if ok else f"reparameterized outputs differ from trained (rel diff {rel_diff:.2e} > {REL_TOL})"
         rows += sweep_form("reparam", fused, settings, device, img_size, probe, skip_reason=skip)
-        if ok:
+        if skip is None:
             deploy, deploy_form = fused, "reparam"
     if settings["compile"]:
         rows += sweep_form("compiled", deploy, settings, device, img_size, probe, compile_model=True)

@@ -134,6 +134,16 @@ def test_reparam_that_changes_outputs_is_flagged_not_timed(monkeypatch):
     assert row["status"] == "error" and "differ" in row["error"] and row["latency_ms_p50"] is None
 
 
+def test_reparam_that_raises_keeps_trained_rows(monkeypatch):
+    def raising(model):
+        raise RuntimeError("fuse() exploded")
+
+    monkeypatch.setattr(benchmark, "reparameterized", raising)
+    result = benchmark.benchmark_model(Tiny(), {"img_size": 16, "benchmark": settings(reparameterize=True)})
+    assert rows_by(result, form="trained")[0]["status"] == "ok"
+    assert "fuse() exploded" in rows_by(result, form="reparam")[0]["error"] and not result["checks"]["reparam_ok"]
+
+
 def test_non_reparameterizable_model_has_no_reparam_form():
     cfg = {"img_size": 32, "benchmark": settings(reparameterize=True)}
     result = benchmark.benchmark_model(models.create("resnet18", 4), cfg)
