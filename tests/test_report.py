@@ -59,7 +59,7 @@ def _row(form, device, precision, batch, p50, thr, status="ok", engine="torch") 
 BENCH = {
     "fastnet": {
         "env": {"device_name": "NVIDIA H100 80GB HBM3", "cpu_model": "Intel Xeon Gold"},
-        "checks": {"reparam_max_abs_diff": 1e-6, "onnx_max_abs_diff": 1e-6},
+        "checks": {"reparam_max_abs_diff": 1e-6, "onnx_max_abs_diff": 0.05, "onnx_ok": True},  # large logits
         "rows": [
             _row("trained", "cuda", "fp32", 1, 4.0, 250.0),
             _row("trained", "cuda", "fp16", 1, 2.5, 400.0),
@@ -230,6 +230,7 @@ def test_latency_and_models(built: dict) -> None:
     models = built["tables"]["models"]
     fast = _row_of(models, model="fastnet")
     assert fast["b1_p50_ms"] == 2.5 and fast["b1_config"] == "trained, fp16"  # the CPU ONNX row does not count
+    assert pd.isna(fast["excluded_forms"]) and lat[lat["form"] == "onnx"]["equivalent"].all()  # benchmark's verdict
     assert fast["max_throughput_ips"] == 12000 and fast["max_throughput_batch"] == 256
     assert fast["params_M"] == pytest.approx(2.5) and fast["gmacs"] == pytest.approx(0.3)
     assert fast["best_top1"] == pytest.approx(74.0) and fast["device"] == "NVIDIA H100 80GB HBM3 (cuda)"
