@@ -49,9 +49,32 @@ def create(
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     if img_size and model.pretrained_cfg.get("fixed_input_size") and model.pretrained_cfg["input_size"][-1] != img_size:
         model = timm.create_model(timm_name, pretrained=init == "pretrained", img_size=img_size, **kwargs)
+    windows = _scaled_windows(model, img_size)
+    if windows and init != "pretrained":
+        model = timm.create_model(timm_name, pretrained=False, window_sizes=windows, **kwargs)
     if init not in ("default", "pretrained"):
         reinitialize(model, init)
     return model
+
+
+def _scaled_windows(model: nn.Module, img_size: int | None) -> tuple[int, ...] | None:
+    """Attention windows scaled with the input, for windowed ViTs (TinyViT) trained below their native size.
+
+    TinyViT pads every stage up to its fixed window (7, 7, 14, 7), so at 32 px it would cost as much as
+    at 224 px. Scaling the windows keeps the same number of windows per side as at the native size.
+    """
+    sizes = getattr(model, "window_sizes", None) or _init_arg(model, "window_sizes")
+    native = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    if not sizes or not img_size or img_size >= native:
+        return None
+    return tuple(max(1, round(w * img_size / native)) for w in sizes)
+
+
+def _init_arg(model: nn.Module, name: str):
+    import inspect
+
+    param = inspect.signature(type(model).__init__).parameters.get(name)
+    return param.default if param is not None and param.default is not inspect.Parameter.empty else None
 
 
 def _create_pretrained(timm_name: str, pretrained_file: str | None, kwargs: dict[str, Any]) -> nn.Module:

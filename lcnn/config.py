@@ -1,0 +1,197 @@
+"""Load and validate the study config, and expand it into the table of runs.
+
+The same code serves the Snakefile (through rules/common.smk) and the stage CLIs, so a config error
+reads the same wherever it is found: one line naming the key, what was expected, and where to fix it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from lcnn.utils import LcnnError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+BASELINE = "baseline"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@cache
+def schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise LcnnError(f"config file {path} does not exist; pass the study's config.yaml")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LcnnError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
+    return validate(cfg)
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``cfg`` against the JSON schema, fill defaults in place, and check cross-references."""
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
+    if errors:
+        raise LcnnError(_describe(errors[0]))
+    _fill_defaults(cfg, schema())
+    _check_references(cfg)
+    return cfg
+
+
+def _describe(err: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        hint = _home_of(extra[0]) if extra else ""
+        return f"config key '{where + '.' if where != '<top level>' else ''}{extra[0]}' is not allowed here{hint}"
+    if err.validator == "enum":
+        return f"config key '{where}' is {err.instance!r}; expected one of {', '.join(map(str, err.validator_value))}"
+    if err.validator == "type":
+        return f"config key '{where}' is {err.instance!r}; expected {err.validator_value}"
+    if err.validator == "required":
+        return f"config section '{where}' is missing a required key: {err.message.split(chr(39))[1]}"
+    if err.validator == "pattern":
+        return f"config key '{where}' = {err.instance!r} must match {err.validator_value} (path-safe names only)"
+    return f"config key '{where}': {err.message}"
+
+
+def _home_of(key: str) -> str:
+    """Say where a misplaced key belongs, e.g. 'epochs' under 'train' belongs in 'baseline'."""
+    props = schema()["properties"]
+    homes = [name for name, sub in props.items() if key in sub.get("properties", {})]
+    if key in schema()["$defs"]["hparams"]["properties"]:
+        homes.insert(0, "baseline (or a variant)")
+    if homes:
+        return f"; it belongs under {' or '.join(homes)}"
+    close = [k for name, sub in props.items() for k in sub.get("properties", {}) if _similar(k, key)]
+    return f"; did you mean {close[0]}?" if close else "; remove it or check the spelling against config.yaml"
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio() > 0.75
+
+
+def _fill_defaults(node: Any, sch: dict[str, Any]) -> None:
+    if not isinstance(node, dict):
+        return
+    for key, sub in sch.get("properties", {}).items():
+        if "$ref" in sub:
+            sub = {**schema()["$defs"][sub["$ref"].rsplit("/", 1)[1]], **sub}
+        if key not in node and "default" in sub and sub["default"] is not None and key != "axis":
+            node[key] = copy.deepcopy(sub["default"])
+        if key in node:
+            _fill_defaults(node[key], sub)
+
+
+def _check_references(cfg: dict[str, Any]) -> None:
+    for key in ("models", "variants"):
+        chosen = (cfg.get("select") or {}).get(key) or []
+        known = set(cfg[key]) | ({BASELINE} if key == "variants" else set()) | set(grid_variants(cfg))
+        for name in chosen:
+            if name not in known:
+                raise LcnnError(f"select.{key} names '{name}', which is not in {key}; use one of {sorted(known)}")
+    if BASELINE in cfg["variants"]:
+        raise LcnnError("variants must not redefine 'baseline'; edit the baseline section instead")
+    bench = cfg["benchmark"]["variant"]
+    if bench not in variant_names(cfg):
+        raise LcnnError(f"benchmark.variant '{bench}' is not a selected variant; use baseline or one of variants")
+    for name in cfg["report"]["fast_models"]:
+        if name not in cfg["models"]:
+            raise LcnnError(f"report.fast_models names '{name}', which is not in models")
+
+
+def check_models(cfg: dict[str, Any]) -> None:
+    """Fail early on a timm name that does not exist (imports timm, so it is kept out of validate)."""
+    import timm
+
+    for name in selected_models(cfg):
+        timm_name = cfg["models"][name]["timm"]
+        if not timm.is_model(timm_name):
+            raise LcnnError(f"models.{name}.timm = '{timm_name}' is not a timm model; pick one from timm.list_models()")
+
+
+def grid_variants(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Expand the cartesian ``grid`` section into path-safe variant names."""
+    grid = cfg.get("grid") or {}
+    if not grid:
+        return {}
+    keys = sorted(grid)
+    out = {}
+    for values in itertools.product(*(grid[k] for k in keys)):
+        name = "grid_" + "_".join(f"{k}-{_slug(v)}" for k, v in zip(keys, values))
+        out[name] = {"axis": "grid", **dict(zip(keys, values))}
+    return out
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value)).strip("-") or "none"
+
+
+def all_variants(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {BASELINE: {"axis": BASELINE}, **cfg["variants"], **grid_variants(cfg)}
+
+
+def variant_names(cfg: dict[str, Any]) -> list[str]:
+    chosen = (cfg.get("select") or {}).get("variants")
+    names = list(all_variants(cfg))
+    if chosen:
+        names = [BASELINE] + [n for n in names if n in chosen and n != BASELINE]
+    return names
+
+
+def selected_models(cfg: dict[str, Any]) -> list[str]:
+    chosen = (cfg.get("select") or {}).get("models")
+    return [m for m in cfg["models"] if not chosen or m in chosen]
+
+
+def hparams(cfg: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The baseline with ``variant``'s overrides merged on top (the variant's axis included)."""
+    variants = all_variants(cfg)
+    if variant not in variants:
+        raise LcnnError(f"unknown variant '{variant}'; configured variants: {', '.join(variants)}")
+    merged = {**copy.deepcopy(cfg["baseline"]), **copy.deepcopy(variants[variant])}
+    merged.setdefault("axis", BASELINE)
+    return merged
+
+
+def runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per training job: model x variant x seed."""
+    return [
+        {"model": m, "variant": v, "seed": s, "axis": hparams(cfg, v)["axis"]}
+        for m in selected_models(cfg)
+        for v in variant_names(cfg)
+        for s in cfg["seeds"]
+    ]
+
+
+def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict[str, Any]:
+    """Everything one training job needs, resolved: the file the train rule hands to lcnn.train."""
+    if model not in cfg["models"]:
+        raise LcnnError(f"unknown model '{model}'; configured models: {', '.join(cfg['models'])}")
+    spec = cfg["models"][model]
+    hp = hparams(cfg, variant)
+    return {
+        "model": model,
+        "timm_name": spec["timm"],
+        "native_img_size": spec.get("img_size", 224),
+        "variant": variant,
+        "seed": int(seed),
+        "hparams": hp,
+        "train": copy.deepcopy(cfg["train"]),
+        "data_root": cfg["data"]["root"],
+    }

@@ -1,0 +1,151 @@
+"""The training recipe: turn one run's hyperparameters into timm's factory keyword arguments, in one place.
+
+Each study axis maps onto a timm factory: the optimizer onto ``create_optimizer_v2``, the schedule onto
+``create_scheduler_v2``, augmentation onto ``create_transform`` and ``Mixup``, plus the matching loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lcnn.data import ManifestDataset
+from lcnn.utils import LcnnError
+
+
+class SeededTransforms(Dataset):
+    """Apply a random transform seeded by (seed, epoch, index), whichever worker or step loads the sample.
+
+    That makes augmentation independent of worker count and of where a resumed epoch restarts, and the
+    global RNG streams are restored afterwards so the model's own randomness is not disturbed.
+    """
+
+    def __init__(self, dataset: ManifestDataset, transform: Any, seed: int) -> None:
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.manual_seed(sample_seed)
+        try:
+            return self.transform(image), label
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def transforms(hp: dict[str, Any], img_size: int, timm_name: str) -> tuple[Any, Any]:
+    """Training and evaluation transforms from timm's ``create_transform``, normalised like the model."""
+    import timm
+
+    data_cfg = resolve_data_config({}, model=timm.create_model(timm_name, pretrained=False, num_classes=1))
+    common = {"mean": data_cfg["mean"], "std": data_cfg["std"], "interpolation": "bicubic"}
+    train = create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(hp["scale"]),
+        hflip=hp["hflip"],
+        color_jitter=hp["color_jitter"] or None,
+        auto_augment=hp["auto_augment"],
+        re_prob=hp["re_prob"],
+        re_mode="pixel",
+        **common,
+    )
+    evaluation = create_transform(img_size, is_training=False, crop_pct=data_cfg.get("crop_pct", 0.875), **common)
+    return train, evaluation
+
+
+def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int):
+    """Streaming train/val loaders over the prepared manifests, plus the Mixup/CutMix batch transform."""
+    hp, tcfg = cfg["hparams"], cfg["train"]
+    root = cfg["data_root"]
+    train_set = ManifestDataset(f"{root}/train.csv")
+    val_set = ManifestDataset(f"{root}/val.csv")
+    if len(train_set.labels) and min(np.bincount(train_set.labels, minlength=train_set.num_classes)) == 0:
+        raise LcnnError(f"{root}/train.csv has a class with no images; re-run the data step with enough images per class")
+    global_batch = hp["batch_size"] * num_processes
+    if global_batch > len(train_set):
+        raise LcnnError(
+            f"batch_size {hp['batch_size']} x {num_processes} devices exceeds the {len(train_set)} training images "
+            f"in {root}; lower baseline.batch_size (or the variant's) below {len(train_set)}"
+        )
+    train_tf, eval_tf = transforms(hp, img_size, cfg["timm_name"])
+    workers = tcfg.get("num_workers", 0)
+    loader_kw = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
+    train_loader = DataLoader(
+        SeededTransforms(train_set, train_tf, cfg["seed"]), batch_size=hp["batch_size"], shuffle=True,
+        drop_last=True, **loader_kw,
+    )
+    val_loader = DataLoader(SeededTransforms(val_set, eval_tf, cfg["seed"]), batch_size=hp["batch_size"], **loader_kw)
+    mixup = None
+    if hp["mixup"] > 0 or hp["cutmix"] > 0:
+        mixup = Mixup(
+            mixup_alpha=hp["mixup"], cutmix_alpha=hp["cutmix"], label_smoothing=hp["smoothing"],
+            num_classes=train_set.num_classes,
+        )
+    return train_loader, val_loader, mixup, train_set.num_classes
+
+
+def build_loss(hp: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    """Training loss for the augmentation axis (soft targets under Mixup), and plain CE for validation."""
+    if hp["mixup"] > 0 or hp["cutmix"] > 0:
+        train = SoftTargetCrossEntropy()
+    elif hp["smoothing"] > 0:
+        train = LabelSmoothingCrossEntropy(smoothing=hp["smoothing"])
+    else:
+        train = nn.CrossEntropyLoss()
+    return train, nn.CrossEntropyLoss()
+
+
+def scaled_lr(hp: dict[str, Any], num_processes: int) -> float:
+    """lr_base rescaled from lr_base_size to the global batch (batch_size x processes), as timm's train.py does."""
+    ratio = hp["batch_size"] * num_processes / hp["lr_base_size"]
+    return hp["lr_base"] * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[hp["lr_scale"]]
+
+
+def build_optimizer(model: nn.Module, hp: dict[str, Any], num_processes: int) -> tuple[torch.optim.Optimizer, float]:
+    lr = scaled_lr(hp, num_processes)
+    optimizer = create_optimizer_v2(
+        model, opt=hp["opt"], lr=lr, weight_decay=hp["weight_decay"], momentum=hp["momentum"]
+    )
+    return optimizer, lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any], steps_per_epoch: int):
+    """timm scheduler updated every step (so short runs still see warmup and decay); None = constant lr."""
+    if hp["sched"] == "none":
+        return None
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=hp["sched"],
+        num_epochs=hp["epochs"],
+        decay_epochs=hp["decay_epochs"],
+        decay_milestones=hp["decay_milestones"],
+        decay_rate=hp["decay_rate"],
+        min_lr=hp["min_lr"],
+        warmup_lr=hp["warmup_lr"],
+        warmup_epochs=hp["warmup_epochs"],
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler

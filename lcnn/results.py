@@ -1,0 +1,63 @@
+"""Per model x variant result over all seeds: the per-seed metrics plus their mean and spread.
+
+Diverged seeds stay in ``runs`` with their status but are left out of the means, so a diverged run
+never reads as a zero-accuracy one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lcnn.utils import LcnnError, atomic_write_json, cli, read_json
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine one model x variant's per-seed metrics into the fixed-key result record."""
+    if not runs:
+        raise LcnnError("no per-seed metrics given; pass runs/{model}/{variant}/seed*/metrics.json")
+    keys = {(r["model"], r["variant"]) for r in runs}
+    if len(keys) != 1:
+        raise LcnnError(f"metrics of different runs mixed together: {sorted(keys)}; pass one model x variant")
+    runs = sorted(runs, key=lambda r: r["seed"])
+    ok = [r for r in runs if r["status"] == "ok"]
+    out = {
+        "model": runs[0]["model"],
+        "variant": runs[0]["variant"],
+        "axis": runs[0]["axis"],
+        "timm_name": runs[0]["timm_name"],
+        "seeds": [r["seed"] for r in runs],
+        "runs": runs,
+        "n_seeds": len(ok),
+        "n_diverged": len(runs) - len(ok),
+        "status": "ok" if len(ok) == len(runs) else ("diverged" if not ok else "partly_diverged"),
+    }
+    for metric in ("top1", "top5"):
+        values = [r[metric] for r in ok]
+        out[f"{metric}_mean"] = statistics.fmean(values) if values else None
+        out[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    out["device_hours"] = sum(r["device_hours"] for r in runs)
+    out["epochs_completed"] = sum(r["epochs_completed"] for r in runs)
+    return out
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    result = summarize([read_json(p) for p in cfg["metrics"]])
+    atomic_write_json(cfg["out"], result)
+    return result
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Summarize one model x variant over its seeds.")
+    parser.add_argument("metrics", nargs="+", type=Path, help="runs/{model}/{variant}/seed*/metrics.json")
+    parser.add_argument("--out", required=True, type=Path, help="results/{model}/{variant}.json")
+    args = parser.parse_args(argv)
+    result = run({"metrics": args.metrics, "out": args.out})
+    print(f"{result['model']}/{result['variant']}: top1 {result['top1_mean']} over {result['n_seeds']} seeds")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Training stage: one model x variant x seed, with Accelerate, resumable and honest about its outcome.
+
+Run by the train rule as ``python -m lcnn.train`` (one device) or ``accelerate launch -m lcnn.train``
+(several GPUs). Every study axis goes through a timm factory: ``create_optimizer_v2``,
+``create_scheduler_v2``, ``create_transform`` and ``Mixup``. On SIGUSR1/SIGTERM (a SLURM time limit or
+preemption) the full training state is saved and the job exits non-zero, so a retry resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from timm.utils import accuracy
+
+from lcnn import checkpoint, models
+from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
+from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, peak_rss_mb
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
+
+
+class _Stop:
+    """Remembers a SIGUSR1/SIGTERM so the loop can save its state at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one run described by ``cfg`` (see :func:`lcnn.config.run_config`) into ``cfg['out_dir']``."""
+    out = Path(cfg["out_dir"])
+    hp, tcfg = cfg["hparams"], cfg["train"]
+    tag = f"{cfg['model']}/{cfg['variant']}/seed{cfg['seed']}"
+    if os.environ.get("LCNN_FAIL_RUN") == tag:  # fault-injection hook for the workflow tests
+        raise RuntimeError(f"LCNN_FAIL_RUN={tag}: failing this job on purpose")
+    accelerator = _accelerator(tcfg)
+    set_seed(cfg["seed"])
+    img_size = hp.get("img_size") or cfg["native_img_size"]
+    train_loader, val_loader, mixup, num_classes = build_loaders(cfg, img_size, accelerator.num_processes)
+    model = models.create(
+        cfg["timm_name"], num_classes, img_size, hp["init"], hp.get("pretrained_file"), hp.get("drop_path", 0.0)
+    )
+    if tcfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, lr = build_optimizer(model, hp, accelerator.num_processes)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps = len(train_loader)
+    if tcfg.get("max_steps_per_epoch"):
+        steps = min(steps, tcfg["max_steps_per_epoch"])
+    scheduler = build_scheduler(optimizer, hp, steps)
+    train_loss_fn, val_loss_fn = build_loss(hp)
+
+    state = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    saved = checkpoint.load(out)
+    if saved is not None:
+        accelerator.unwrap_model(model).load_state_dict(saved["model"])
+        optimizer.optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        if accelerator.scaler is not None and saved.get("scaler"):
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        checkpoint.set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in state}
+        accelerator.print(f"[{tag}] resuming at epoch {state['epoch'] + 1} step {state['step']}")
+
+    def save_state() -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoint.save(
+                out,
+                {
+                    **state,
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "optimizer": optimizer.optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                    "rng": checkpoint.rng_state(),
+                },
+            )
+
+    stop = _Stop()
+    diverged = None
+    epochs = hp["epochs"]
+    accelerator.print(
+        f"[{tag}] {cfg['timm_name']} {models.count_params(model) / 1e6:.1f}M params, {len(train_loader.dataset)} "
+        f"train / {len(val_loader.dataset)} val images, {epochs} epochs x {steps} steps, lr {lr:.3g}, "
+        f"{accelerator.num_processes} x {accelerator.device} precision={accelerator.mixed_precision}"
+    )
+    while state["epoch"] < epochs and diverged is None:
+        epoch = state["epoch"]
+        model.train()
+        train_loader.set_epoch(epoch)  # reshuffles with seed + epoch, and reseeds per-sample augmentation
+        loader = accelerator.skip_first_batches(train_loader, state["step"]) if state["step"] else train_loader
+        t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+        for images, targets in loader:
+            if state["step"] >= steps:
+                break
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            if tcfg.get("channels_last"):
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model):
+                loss = train_loss_fn(model(images), targets)
+                if not torch.isfinite(loss).all():
+                    diverged = {"epoch": epoch + 1, "step": state["step"] + 1}
+                    break
+                accelerator.backward(loss)
+                if tcfg.get("grad_clip"):
+                    accelerator.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if scheduler is not None:
+                scheduler.step_update(epoch * steps + state["step"])
+            seen += images.shape[0] * accelerator.num_processes
+            loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
+            if state["step"] % tcfg.get("log_every", 50) == 0:
+                accelerator.print(f"[{tag}] epoch {epoch + 1} step {state['step']}/{steps} loss {loss.item():.4f}")
+            if stop.signum is not None:
+                state["train_seconds"] += time.perf_counter() - t0
+                save_state()
+                accelerator.print(
+                    f"[{tag}] got signal {signal.Signals(stop.signum).name}: saved state at epoch {epoch + 1} "
+                    f"step {state['step']}; exiting {EXIT_PREEMPTED} so a retry resumes"
+                )
+                sys.exit(EXIT_PREEMPTED)
+        if diverged is not None:
+            accelerator.print(f"[{tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged")
+            break
+        seconds = time.perf_counter() - t0
+        state["train_seconds"] += seconds
+        metrics = evaluate(model, val_loader, val_loss_fn, accelerator, tcfg.get("channels_last", False))
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(n_loss, 1),
+            **metrics,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen / seconds if seconds > 0 else float("nan"),
+            "seconds": seconds,
+        }
+        state["history"].append(row)
+        state["epoch"], state["step"] = epoch + 1, 0
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
+        accelerator.print(
+            f"[{tag}] epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val top1 {row['top1']:.2f} "
+            f"top5 {row['top5']:.2f} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s {seconds:.1f}s"
+        )
+        if state["epoch"] < epochs:
+            save_state()
+
+    result = _finish(cfg, out, accelerator, model, state, diverged, img_size, num_classes)
+    if accelerator.is_main_process and not tcfg.get("keep_checkpoint"):
+        checkpoint.remove(out)
+    return result
+
+
+def evaluate(model, loader, loss_fn, accelerator: Accelerator, channels_last: bool) -> dict[str, float]:
+    """Top-1/top-5 and loss on the held-out validation set."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)
+    with torch.inference_mode():
+        for images, targets in loader:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            logits = model(images).float()
+            logits, targets = accelerator.gather_for_metrics((logits, targets))
+            top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
+            n = targets.shape[0]
+            totals += torch.tensor([loss_fn(logits, targets).item() * n, top1.item() * n, top5.item() * n, n])
+    n = max(totals[3].item(), 1)
+    return {"val_loss": totals[0].item() / n, "top1": totals[1].item() / n, "top5": totals[2].item() / n}
+
+
+def _accelerator(tcfg: dict[str, Any]) -> Accelerator:
+    precision = tcfg.get("precision", "no")
+    cpu = tcfg.get("device") == "cpu" or not torch.cuda.is_available()
+    if precision == "fp16" and cpu:
+        raise LcnnError("train.precision is fp16 but there is no GPU; use bf16 or no on the CPU")
+    # The seedable sampler shuffles with seed + epoch, so a resumed epoch sees the same order.
+    return Accelerator(
+        mixed_precision=precision, cpu=cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+    )
+
+
+def _finish(cfg, out: Path, accelerator, model, state, diverged, img_size: int, num_classes: int) -> dict[str, Any]:
+    """Write weights, history, resolved config, environment and (last) metrics.json, all atomically."""
+    history = state["history"]
+    best = max(history, key=lambda r: r["top1"]) if history else None
+    cuda = accelerator.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    env = environment()
+    metrics = {
+        "model": cfg["model"],
+        "timm_name": cfg["timm_name"],
+        "variant": cfg["variant"],
+        "axis": cfg["hparams"]["axis"],
+        "seed": cfg["seed"],
+        "status": "diverged" if diverged else "ok",
+        "top1": history[-1]["top1"] if history and not diverged else None,
+        "top5": history[-1]["top5"] if history and not diverged else None,
+        "best_top1": best["top1"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "epochs": cfg["hparams"]["epochs"],
+        "epochs_completed": len(history),
+        "train_images": _dataset_size(cfg, "train"),
+        "val_images": _dataset_size(cfg, "val"),
+        "train_seconds": state["train_seconds"],
+        "device": env["device_name"],
+        "device_type": accelerator.device.type,
+        "num_devices": accelerator.num_processes,
+        "device_hours": state["train_seconds"] * accelerator.num_processes / 3600,
+        "peak_mem_mb": peak,
+        "params": models.count_params(model),
+        "img_size": img_size,
+        "num_classes": num_classes,
+        "slurm_job_id": env["slurm_job_id"],
+        "diverged_at": diverged,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        models.save_weights(accelerator.unwrap_model(model), out / "model.safetensors",
+                            metadata={"timm_name": cfg["timm_name"], "num_classes": str(num_classes)})
+        atomic_write_text(out / "history.csv", _history_csv(history))
+        atomic_write_json(out / "config.json", {**cfg, "img_size": img_size, "num_classes": num_classes})
+        atomic_write_json(out / "env.json", env)
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s", "seconds"]
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    lines = [",".join(HISTORY_COLUMNS)]
+    lines += [",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in HISTORY_COLUMNS)
+              for row in history]
+    return "\n".join(lines) + "\n"
+
+
+def _dataset_size(cfg: dict[str, Any], split: str) -> int:
+    with open(Path(cfg["data_root"]) / f"{split}.csv") as fh:
+        return sum(1 for _ in fh) - 1
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one lcnn run (model x variant x seed).")
+    parser.add_argument("--run-json", required=True, help="resolved run config (lcnn.config.run_config) as JSON")
+    parser.add_argument("--out-dir", required=True, help="run folder: runs/{model}/{variant}/seed{seed}")
+    args = parser.parse_args(argv)
+    try:
+        cfg = json.loads(args.run_json)
+    except json.JSONDecodeError as err:
+        raise LcnnError(f"--run-json is not valid JSON ({err}); let the train rule write it") from None
+    cfg["out_dir"] = args.out_dir
+    metrics = run(cfg)
+    print(json.dumps({k: metrics[k] for k in ("model", "variant", "seed", "status", "top1", "top5")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+# Benchmark stage: latency and throughput of each model's trained weights, on the benchmark partition.
+
+
+rule benchmark:
+    input:
+        unpack(get_benchmark_run),
+    output:
+        "benchmarks/{model}.json",
+    params:
+        bench=json.dumps(config["benchmark"]),
+        timm_name=lambda wildcards: config["models"][wildcards.model]["timm"],
+    log:
+        "logs/benchmark/{model}.log",
+    threads: config["benchmark"]["onnx_threads"]
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    shell:
+        "python -m lcnn.benchmark --model-name {wildcards.model} --timm-name {params.timm_name:q}"
+        " --weights {input.weights:q} --run-config {input.run_config:q}"
+        " --config-json {params.bench:q} --out {output:q} > {log:q} 2>&1"

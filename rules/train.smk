@@ -1,0 +1,39 @@
+# Training stage: one job per model x variant x seed, then one result per model x variant over its seeds.
+
+
+rule train:
+    input:
+        train=rules.prepare_data.output.train,
+        val=rules.prepare_data.output.val,
+    output:
+        weights=f"{RUN_DIR}/model.safetensors",
+        history=f"{RUN_DIR}/history.csv",
+        config=f"{RUN_DIR}/config.json",
+        env=f"{RUN_DIR}/env.json",
+        metrics=f"{RUN_DIR}/metrics.json",
+    params:
+        run=get_run_json,
+        launcher=get_train_launcher,
+        out_dir=RUN_DIR,
+    log:
+        "logs/train/{model}/{variant}/seed{seed}.log",
+    threads: max(1, config["train"]["num_workers"])
+    resources:
+        gpu=config["train"]["gpus_per_job"],
+        mem_mb=32000,
+        # a time limit that grows with each retry; a preempted job resumes from its saved state
+        runtime=lambda wildcards, attempt: 720 * attempt,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launcher} -m lcnn.train"
+        " --run-json {params.run:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule collect_seeds:
+    input:
+        get_seed_metrics,
+    output:
+        "results/{model}/{variant}.json",
+    log:
+        "logs/results/{model}/{variant}.log",
+    shell:
+        "python -m lcnn.results --out {output:q} {input:q} > {log:q} 2>&1"
