@@ -1,7 +1,7 @@
 """Snakemake's HTML report of a finished tiny study, opened in headless Chromium: do the tables really render?
 
 The report is a single-page app, so reading the HTML file is not enough: the test opens the Tables and Claims
-categories like a person would, reads the rendered table cells and compares them with results/report/*.csv.
+categories like a person would, reads the rendered table cells and compares them with results/report/*.md.
 Screenshots go to $LCNN_ARTIFACTS (default tests/artifacts/) for a human to look at.
 
 Needs chromium + chromium-driver (Debian) and selenium. When they are missing the test installs them with apt-get
@@ -17,10 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 import pytest
-
-from lcnn.report import display_frame
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -80,16 +77,26 @@ def _snakemake() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
 
 
+def _tiny_study_args(request: pytest.FixtureRequest) -> list[str]:
+    """The snakemake options the tiny study ran with (its --configfile overlays), so --report sees the same DAG.
+
+    Taken from a `tiny_study_args` fixture when there is one, else from tests/conftest.py's TINY_ARGS.
+    """
+    try:
+        return [str(a) for a in request.getfixturevalue("tiny_study_args")]
+    except pytest.FixtureLookupError:
+        pass
+    conftest = sys.modules.get("conftest")
+    return [str(a) for a in getattr(conftest, "TINY_ARGS", [])]
+
+
 @pytest.fixture(scope="session")
 def report_html(request: pytest.FixtureRequest, tiny_study: Path, artifacts: Path) -> Path:
-    """`snakemake --report` for the finished tiny study (extra CLI args from an optional `tiny_study_args` fixture)."""
-    try:
-        extra = list(request.getfixturevalue("tiny_study_args"))
-    except pytest.FixtureLookupError:
-        extra = []
+    """`snakemake report --report <artifacts>/report.html <the tiny study's options>` in the finished tiny study."""
+    extra = _tiny_study_args(request)
     html = artifacts / "report.html"
     html.unlink(missing_ok=True)
-    cmd = [*_snakemake(), "--report", str(html), *extra, "report"]
+    cmd = [*_snakemake(), "report", "--report", str(html), *extra]  # extra last: its options may take lists
     out = subprocess.run(cmd, cwd=tiny_study, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     assert html.stat().st_size > 100_000, "the report should be one self-contained page of a few MB"
@@ -151,9 +158,11 @@ def _open_table(driver, category: str, label: str) -> list[list[str]]:
 
 
 def _expected(tiny_study: Path, name: str) -> tuple[list[str], list[str]]:
-    df = pd.read_csv(tiny_study / "results" / "report" / f"{name}.csv", keep_default_na=False, na_values=[""])
-    shown = display_frame(name, df)
-    return list(shown.columns), [str(v) for v in shown.iloc[0]]
+    """Header and first row of results/report/<name>.md: the same cells, written independently of the HTML."""
+    lines = (tiny_study / "results" / "report" / f"{name}.md").read_text().splitlines()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    assert len(rows) >= 3, f"{name}.md has no data rows"
+    return rows[0], rows[2]  # rows[1] is the |---| separator
 
 
 def test_tables_category_renders_accuracy(page, tiny_study: Path, artifacts: Path) -> None:
@@ -164,7 +173,7 @@ def test_tables_category_renders_accuracy(page, tiny_study: Path, artifacts: Pat
     page.save_screenshot(str(artifacts / "report_tables_accuracy.png"))
     exp_header, exp_first = _expected(tiny_study, "accuracy")
     assert header == exp_header
-    assert first == exp_first, "the rendered accuracy table differs from results/report/accuracy.csv"
+    assert first == exp_first, "the rendered accuracy table differs from results/report/accuracy.md"
     assert "top1_mean" in header and first[0]  # a model name, not an empty shell
 
 
@@ -174,3 +183,18 @@ def test_claims_category_renders(page, tiny_study: Path, artifacts: Path) -> Non
     exp_header, exp_first = _expected(tiny_study, "claims")
     assert header == exp_header and first == exp_first
     assert first[header.index("holds")] in {"yes", "no", "n/a"}
+
+
+def test_figures_category_shows_pareto(page, artifacts: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _click_text(page, "Figures")
+    page.find_element(By.XPATH, "//tr[td[normalize-space()='pareto']]//a[@iconname='eye']").click()
+
+    def decoded_png(d):
+        imgs = d.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")
+        return [i for i in imgs if d.execute_script("return arguments[0].naturalWidth", i) > 100]
+
+    assert WebDriverWait(page, WAIT_S).until(decoded_png, "pareto.png was not displayed as an image")
+    page.save_screenshot(str(artifacts / "report_figures_pareto.png"))
