@@ -147,7 +147,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     own = _unwrap(model).state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         detail = (

@@ -1,0 +1,73 @@
+"""All seven study models build, run forward and backward, and carry their weights safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from lcnn import models
+from lcnn.utils import LcnnError
+
+MODELS = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_forward_backward_small(name):
+    model = models.create(MODELS[name]["timm"], num_classes=10, img_size=32)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_reinit_schemes_change_the_weights():
+    torch.manual_seed(0)
+    default = models.create("mobilenetv3_large_100", 10)
+    torch.manual_seed(0)
+    kaiming = models.create("mobilenetv3_large_100", 10, init="kaiming")
+    torch.manual_seed(0)
+    trunc = models.create("mobilenetv3_large_100", 10, init="trunc_normal")
+    w = "conv_stem.weight"
+    assert not torch.equal(default.state_dict()[w], kaiming.state_dict()[w])
+    assert trunc.state_dict()[w].std() < 0.05 < kaiming.state_dict()[w].std()
+
+
+def test_tinyvit_windows_scale_with_small_inputs():
+    small = models.create("tiny_vit_21m_224", 10, img_size=32)
+    native = models.create("tiny_vit_21m_224", 10)
+    assert [getattr(s.blocks[0], "window_size", None) for s in small.stages[1:]] == [1, 2, 1]
+    assert [getattr(s.blocks[0], "window_size", None) for s in native.stages[1:]] == [7, 14, 7]
+
+
+def test_weights_round_trip_and_mismatch_errors(tmp_path):
+    model = models.create("mobilevitv2_050", 10)
+    path = models.save_weights(model, tmp_path / "w.safetensors")
+    other = models.create("mobilevitv2_050", 10)
+    models.load_weights(other, path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(LcnnError, match=r"does not fit mobilevitv2_050 with 5 classes: head.fc.bias: file \(10,\) vs model \(5,\)"):
+        models.load_weights(models.create("mobilevitv2_050", 5), path)
+    with pytest.raises(LcnnError, match=r"does not fit mobilenetv3_large_100 with 10 classes: \d+ missing keys"):
+        models.load_weights(models.create("mobilenetv3_large_100", 10), path)
+
+
+def test_unknown_model_and_missing_pretrained_weights(tmp_path, monkeypatch):
+    with pytest.raises(LcnnError, match="unknown timm model 'convnext_tinyy'"):
+        models.create("convnext_tinyy", 10)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    with pytest.raises(LcnnError, match="not in the local Hugging Face cache.*set pretrained_file"):
+        models.create("mobilevitv2_050", 10, init="pretrained")
+    with pytest.raises(LcnnError, match="pretrained_file .* does not exist"):
+        models.create("mobilevitv2_050", 10, init="pretrained", pretrained_file=str(tmp_path / "nope.pth"))
+
+
+def test_pretrained_from_local_file(tmp_path):
+    source = models.create("mobilevitv2_050", 1000)
+    path = models.save_weights(source, tmp_path / "imagenet.safetensors")
+    model = models.create("mobilevitv2_050", 10, init="pretrained", pretrained_file=str(path))
+    stem = "stem.conv.weight"
+    assert torch.equal(model.state_dict()[stem], source.state_dict()[stem])
+    assert model.state_dict()["head.fc.weight"].shape[0] == 10
