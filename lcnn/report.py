@@ -563,6 +563,8 @@ def run(cfg: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     runs, _ = load_runs(cfg["results"])
+    if runs.empty:
+        raise LcnnError("the results files hold no runs; rebuild them from the runs' metrics.json (snakemake results)")
     hist = load_histories(cfg.get("histories") or [])
     tol = float(rep.get("equivalence_tol", EQUIVALENCE_TOL))
     bench_rows, bench_models = load_benchmarks(cfg.get("benchmarks") or [], tol)
