@@ -114,7 +114,6 @@ NodeName=${NODE} Name=gpu Type=${BENCH_GPU_TYPE} File=/dev/fakegpu[${NGPU}-${las
 ClusterName=${CLUSTER}
 SlurmctldHost=${NODE}(127.0.0.1)
 AuthType=auth/munge
-CryptoType=crypto/munge
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=6817

@@ -9,6 +9,7 @@ daemons it started (set ``LCNN_SLURM_KEEP=1`` to leave them running between loca
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -38,7 +39,7 @@ CLUSTER = {
     "LCNN_SLURM_NODE_CPUS": os.environ.get("LCNN_SLURM_NODE_CPUS", "32"),
 }
 START_TIMEOUT_S = 900  # a first start installs the Debian packages
-WORKFLOW_TIMEOUT_S = int(os.environ.get("LCNN_SLURM_TEST_TIMEOUT", "1500"))
+WORKFLOW_TIMEOUT_S = int(os.environ.get("LCNN_SLURM_TEST_TIMEOUT", "900"))  # the tiny study takes ~2 min
 
 
 def _in_ci() -> bool:
@@ -240,3 +241,73 @@ def test_profile_routes_rules_and_grows_time_limit_on_retry(slurm_cluster, tmp_p
     )
     logs = list((work / "logs" / "slurm").rglob("*.log"))
     assert len(logs) == len(jobs), "every job's SLURM log is kept under logs/slurm/"
+
+
+def test_tiny_study_runs_every_job_on_slurm(slurm_cluster, tmp_path):
+    """The real workflow (tiny config) through profiles/slurm: every training, benchmark and report job is a
+    COMPLETED SLURM job in the right partition, and the results it wrote record their SLURM job ids."""
+    from conftest import OVERLAYS, copy_workflow, tiny_config
+
+    from lcnn import config as study
+
+    cfg = tiny_config()
+    runs = study.runs(cfg)
+    n_runs, n_results = len(runs), len({(r["model"], r["variant"]) for r in runs})
+    n_models = len(study.selected_models(cfg))
+    c = slurm_cluster
+    work = copy_workflow(tmp_path / "study")
+    profile = make_profile(tmp_path / "profile", c)
+    rc, log, seconds = run_snakemake(
+        ["--profile", str(profile), "--configfile", *OVERLAYS], work, WORKFLOW_TIMEOUT_S, tmp_path / "snakemake.log"
+    )
+    print(f"tiny study through SLURM: {seconds:.0f}s")
+    assert rc == 0, fail_msg(log, work)
+
+    jobs = sacct(submitted_job_ids(log))
+    bad = [r for r in jobs.values() if r["State"] != "COMPLETED"]
+    assert not bad, f"every SLURM job should have COMPLETED on its first attempt: {bad}"
+    by_rule: dict[str, list[dict]] = {}
+    for row in jobs.values():
+        by_rule.setdefault(rule_of(row), []).append(row)
+    partition = {
+        "prepare_data": c["LCNN_SLURM_CPU_PARTITION"],
+        "train": c["LCNN_SLURM_GPU_PARTITION"],
+        "benchmark": c["LCNN_SLURM_BENCH_PARTITION"],
+        "report": c["LCNN_SLURM_CPU_PARTITION"],
+    }
+    assert sorted(by_rule) == sorted(partition), f"rules submitted to SLURM: {sorted(by_rule)}"
+    for rule, rows in by_rule.items():
+        assert {r["Partition"] for r in rows} == {partition[rule]}, rows
+    for row in by_rule["benchmark"]:
+        assert row["AllocCPUS"] == c["LCNN_SLURM_NODE_CPUS"], f"--exclusive should give the whole node: {row}"
+
+    def slurm_id(env: dict, rule: str) -> str:
+        job_id = env.get("slurm_job_id")
+        assert job_id in jobs and rule_of(jobs[job_id]) == rule, f"{rule}: slurm_job_id {job_id!r} not a {rule} job"
+        assert env.get("slurm_job_partition") == partition[rule], env
+        return job_id
+
+    metrics = sorted(work.glob("runs/*/*/seed*/metrics.json"))
+    assert len(metrics) == len(by_rule["train"]) == n_runs, metrics
+    train_ids = set()
+    for path in metrics:
+        m = json.loads(path.read_text())
+        env = json.loads((path.parent / "env.json").read_text())
+        assert m["status"] == "ok" and m["epochs_completed"] == m["epochs"], (path, m)
+        assert m["slurm_job_id"] == slurm_id(env, "train"), (path, m["slurm_job_id"], env["slurm_job_id"])
+        train_ids.add(m["slurm_job_id"])
+    assert len(train_ids) == n_runs, "each run is its own SLURM job"
+    results = sorted(p for p in work.glob("results/*/*.json") if p.parent.name != "report")
+    assert len(results) == n_results, results
+    assert all(json.loads(p.read_text())["status"] == "ok" for p in results), results
+
+    benches = sorted(work.glob("benchmarks/*.json"))
+    assert len(benches) == len(by_rule["benchmark"]) == n_models, benches
+    for path in benches:
+        b = json.loads(path.read_text())
+        slurm_id(b["env"], "benchmark")
+        assert any(row["status"] == "ok" for row in b["rows"]), path
+
+    summary = json.loads((work / "results" / "report" / "summary.json").read_text())
+    slurm_id(summary["env"], "report")
+    assert summary["runs"] == {"total": n_runs, "ok": n_runs, "diverged": 0}, summary["runs"]
