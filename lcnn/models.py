@@ -95,7 +95,7 @@ def _create_pretrained(timm_name: str, pretrained_file: str | None, kwargs: dict
         hub_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise LcnnError(
             f"pretrained weights for {timm_name} are not in the local Hugging Face cache ({hub_home}); "
-            "fetch them once on a machine with internet (python -c \"import timm; "
+            'fetch them once on a machine with internet (python -c "import timm; '
             f"timm.create_model('{timm_name}', pretrained=True)\") or set pretrained_file "
             f"[{type(err).__name__}]"
         ) from None

@@ -82,7 +82,9 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int):
     train_set = ManifestDataset(f"{root}/train.csv")
     val_set = ManifestDataset(f"{root}/val.csv")
     if len(train_set.labels) and min(np.bincount(train_set.labels, minlength=train_set.num_classes)) == 0:
-        raise LcnnError(f"{root}/train.csv has a class with no images; re-run the data step with enough images per class")
+        raise LcnnError(
+            f"{root}/train.csv has a class with no images; re-run the data step with enough images per class"
+        )
     global_batch = hp["batch_size"] * num_processes
     if global_batch > len(train_set):
         raise LcnnError(
@@ -93,14 +95,19 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int):
     workers = tcfg.get("num_workers", 0)
     loader_kw = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
     train_loader = DataLoader(
-        SeededTransforms(train_set, train_tf, cfg["seed"]), batch_size=hp["batch_size"], shuffle=True,
-        drop_last=True, **loader_kw,
+        SeededTransforms(train_set, train_tf, cfg["seed"]),
+        batch_size=hp["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        **loader_kw,
     )
     val_loader = DataLoader(SeededTransforms(val_set, eval_tf, cfg["seed"]), batch_size=hp["batch_size"], **loader_kw)
     mixup = None
     if hp["mixup"] > 0 or hp["cutmix"] > 0:
         mixup = Mixup(
-            mixup_alpha=hp["mixup"], cutmix_alpha=hp["cutmix"], label_smoothing=hp["smoothing"],
+            mixup_alpha=hp["mixup"],
+            cutmix_alpha=hp["cutmix"],
+            label_smoothing=hp["smoothing"],
             num_classes=train_set.num_classes,
         )
     return train_loader, val_loader, mixup, train_set.num_classes

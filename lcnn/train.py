@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -141,7 +140,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 )
                 sys.exit(EXIT_PREEMPTED)
         if diverged is not None:
-            accelerator.print(f"[{tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged")
+            accelerator.print(
+                f"[{tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged"
+            )
             break
         seconds = time.perf_counter() - t0
         state["train_seconds"] += seconds
@@ -235,8 +236,11 @@ def _finish(cfg, out: Path, accelerator, model, state, diverged, img_size: int, 
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        models.save_weights(accelerator.unwrap_model(model), out / "model.safetensors",
-                            metadata={"timm_name": cfg["timm_name"], "num_classes": str(num_classes)})
+        models.save_weights(
+            accelerator.unwrap_model(model),
+            out / "model.safetensors",
+            metadata={"timm_name": cfg["timm_name"], "num_classes": str(num_classes)},
+        )
         atomic_write_text(out / "history.csv", _history_csv(history))
         atomic_write_json(out / "config.json", {**cfg, "img_size": img_size, "num_classes": num_classes})
         atomic_write_json(out / "env.json", env)
@@ -249,8 +253,10 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "ima
 
 def _history_csv(history: list[dict[str, Any]]) -> str:
     lines = [",".join(HISTORY_COLUMNS)]
-    lines += [",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in HISTORY_COLUMNS)
-              for row in history]
+    lines += [
+        ",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in HISTORY_COLUMNS)
+        for row in history
+    ]
     return "\n".join(lines) + "\n"
 
 

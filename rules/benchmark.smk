@@ -6,16 +6,18 @@ rule benchmark:
         unpack(get_benchmark_run),
     output:
         "benchmarks/{model}.json",
-    params:
-        bench=json.dumps(config["benchmark"]),
-        timm_name=lambda wildcards: config["models"][wildcards.model]["timm"],
     log:
         "logs/benchmark/{model}.log",
+    conda:
+        "../envs/lcnn.yaml"
     threads: config["benchmark"]["onnx_threads"]
     resources:
         gpu=1,
         mem_mb=32000,
         runtime=lambda wildcards, attempt: 120 * attempt,
+    params:
+        bench=json.dumps(config["benchmark"]),
+        timm_name=lambda wildcards: config["models"][wildcards.model]["timm"],
     shell:
         "python -m lcnn.benchmark --model-name {wildcards.model} --timm-name {params.timm_name:q}"
         " --weights {input.weights:q} --run-config {input.run_config:q}"

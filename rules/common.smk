@@ -5,7 +5,9 @@ import sys
 import pandas as pd
 from snakemake.exceptions import WorkflowError
 
-sys.path.insert(0, workflow.basedir)  # `lcnn` imports even where the package is not pip-installed
+sys.path.insert(
+    0, workflow.basedir
+)  # `lcnn` imports even where the package is not pip-installed
 
 from lcnn import config as study  # noqa: E402
 from lcnn.data import check_paths  # noqa: E402
@@ -55,13 +57,16 @@ def get_final_outputs():
 
 def get_seed_metrics(wildcards):
     return [
-        f"runs/{wildcards.model}/{wildcards.variant}/seed{s}/metrics.json" for s in SEEDS
+        f"runs/{wildcards.model}/{wildcards.variant}/seed{s}/metrics.json"
+        for s in SEEDS
     ]
 
 
 def get_run_json(wildcards):
     """The resolved run config handed to lcnn.train (a params value, so edits to it trigger reruns)."""
-    run = study.run_config(config, wildcards.model, wildcards.variant, int(wildcards.seed))
+    run = study.run_config(
+        config, wildcards.model, wildcards.variant, int(wildcards.seed)
+    )
     return json.dumps(run, sort_keys=True)
 
 

@@ -7,13 +7,15 @@ rule prepare_data:
         val=f"{DATA}/val.csv",
         classes=f"{DATA}/classes.txt",
         report=f"{DATA}/prepare_report.json",
-    params:
-        data=json.dumps(config["data"]),
     log:
         "logs/data/prepare_data.log",
+    conda:
+        "../envs/lcnn.yaml"
     threads: 4
     resources:
         runtime=240,
         mem_mb=8000,
+    params:
+        data=json.dumps(config["data"]),
     shell:
         "python -m lcnn.data --config-json {params.data:q} --workers {threads} > {log:q} 2>&1"

@@ -107,6 +107,8 @@ rule report:
         summary=f"{REPORT_DIR}/summary.json",
     log:
         "logs/report/report.log",
+    conda:
+        "../envs/lcnn.yaml"
     threads: 1
     resources:
         mem_mb=4000,

@@ -11,18 +11,20 @@ rule train:
         config=f"{RUN_DIR}/config.json",
         env=f"{RUN_DIR}/env.json",
         metrics=f"{RUN_DIR}/metrics.json",
-    params:
-        run=get_run_json,
-        launcher=get_train_launcher,
-        out_dir=RUN_DIR,
     log:
         "logs/train/{model}/{variant}/seed{seed}.log",
+    conda:
+        "../envs/lcnn.yaml"
     threads: max(1, config["train"]["num_workers"])
     resources:
         gpu=config["train"]["gpus_per_job"],
         mem_mb=32000,
         # a time limit that grows with each retry; a preempted job resumes from its saved state
         runtime=lambda wildcards, attempt: 720 * attempt,
+    params:
+        run=get_run_json,
+        launcher=get_train_launcher,
+        out_dir=RUN_DIR,
     shell:
         "OMP_NUM_THREADS={threads} {params.launcher} -m lcnn.train"
         " --run-json {params.run:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
@@ -35,5 +37,7 @@ rule collect_seeds:
         "results/{model}/{variant}.json",
     log:
         "logs/results/{model}/{variant}.log",
+    conda:
+        "../envs/lcnn.yaml"
     shell:
         "python -m lcnn.results --out {output:q} {input:q} > {log:q} 2>&1"

@@ -15,7 +15,7 @@ from lcnn import config as study
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "schemas", "report", "profiles", "tests/data"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "envs", "schemas", "report", "profiles", "tests/data"]
 OVERLAYS = ["config.yaml", "profiles/demo/study.yaml", "tests/data/tiny.yaml"]
 
 
@@ -58,7 +58,9 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True,
     cmd = [str(BIN / "snakemake"), *args]
     proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -79,5 +81,5 @@ def built_data(tmp_path_factory) -> Path:
 def tiny_study(tmp_path_factory) -> Path:
     """A workdir where the tiny study has run to completion with `snakemake report`."""
     workdir = copy_workflow(tmp_path_factory.mktemp("tiny_study"))
-    snakemake(workdir, *TINY_ARGS, "report")
+    snakemake(workdir, "report", *TINY_ARGS)
     return workdir

@@ -48,7 +48,9 @@ def test_weights_round_trip_and_mismatch_errors(tmp_path):
     other = models.create("mobilevitv2_050", 10)
     models.load_weights(other, path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
-    with pytest.raises(LcnnError, match=r"does not fit mobilevitv2_050 with 5 classes: head.fc.bias: file \(10,\) vs model \(5,\)"):
+    with pytest.raises(
+        LcnnError, match=r"does not fit mobilevitv2_050 with 5 classes: head.fc.bias: file \(10,\) vs model \(5,\)"
+    ):
         models.load_weights(models.create("mobilevitv2_050", 5), path)
     with pytest.raises(LcnnError, match=r"does not fit mobilenetv3_large_100 with 10 classes: \d+ missing keys"):
         models.load_weights(models.create("mobilenetv3_large_100", 10), path)

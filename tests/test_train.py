@@ -1,0 +1,161 @@
+"""The trainer: each study axis changes what it claims, runs are deterministic and survive preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, tiny_config
+from safetensors.torch import load_file
+from timm.data.auto_augment import AutoAugment, RandAugment
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import Lamb, Lion, RMSpropTF
+
+from lcnn import config as study
+from lcnn import recipe, train
+from lcnn.models import create
+from lcnn.utils import LcnnError
+
+
+def hp(**over):
+    return {**study.hparams(tiny_config(), "baseline"), **over}
+
+
+@pytest.mark.parametrize(
+    ("opt", "cls"),
+    [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("lamb", Lamb), ("rmsproptf", RMSpropTF), ("lion", Lion)],
+)
+def test_optimizer_axis_picks_the_timm_optimizer(opt, cls):
+    optimizer, lr = recipe.build_optimizer(create("mobilevitv2_050", 10), hp(opt=opt, lr_base=0.01), 1)
+    assert type(optimizer) is cls
+    assert lr == pytest.approx(0.01 * 16 / 256)  # the tiny study trains at batch 16
+
+
+def test_lr_scales_with_the_global_batch():
+    assert recipe.scaled_lr(hp(lr_base=0.1, batch_size=64), 4) == pytest.approx(0.1)
+    assert recipe.scaled_lr(hp(lr_base=0.1, batch_size=64, lr_scale="sqrt"), 1) == pytest.approx(0.05)
+
+
+def lr_curve(**over):
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    h = hp(epochs=10, **over)
+    scheduler = recipe.build_scheduler(optimizer, h, steps_per_epoch=10)
+    curve = []
+    for step in range(100):
+        scheduler.step_update(step)
+        curve.append(optimizer.param_groups[0]["lr"])
+    return curve
+
+
+def test_schedule_axis_changes_the_lr_curve():
+    step = lr_curve(sched="step", decay_epochs=5, warmup_epochs=0)
+    cosine = lr_curve(sched="cosine", warmup_epochs=2, warmup_lr=1e-4)
+    multistep = lr_curve(sched="multistep", decay_milestones=[3, 6], warmup_epochs=0)
+    assert step[0] == pytest.approx(0.1) and step[60] == pytest.approx(0.01)
+    assert cosine[0] == pytest.approx(1e-4) and max(cosine) == pytest.approx(0.1, rel=0.05)
+    assert all(a >= b for a, b in zip(cosine[25:], cosine[26:]))  # monotone decay after warmup
+    assert multistep[35] == pytest.approx(0.01) and multistep[65] == pytest.approx(0.001)
+
+
+def test_augmentation_axis_changes_the_transform():
+    def ops(**over):
+        return [type(t) for t in recipe.transforms(hp(**over), 32, "mobilevitv2_050")[0].transforms]
+
+    assert RandAugment in ops(auto_augment="rand-m9-mstd0.5")
+    assert AutoAugment in ops(auto_augment="original")
+    assert RandomErasing in ops(re_prob=0.25)
+    assert RandAugment not in ops() and RandomErasing not in ops()
+    assert isinstance(recipe.build_loss(hp(mixup=0.8, cutmix=1.0))[0], SoftTargetCrossEntropy)
+    assert isinstance(recipe.build_loss(hp(smoothing=0.1))[0], LabelSmoothingCrossEntropy)
+
+
+@pytest.mark.parametrize("variant", ["randaugment", "autoaugment", "random_erasing"])
+def test_configured_augmentations_apply_to_real_images(variant):
+    """Every shipped augmentation policy survives many draws (a bad policy can fail on rare magnitudes)."""
+    from PIL import Image
+
+    train_tf = recipe.transforms(study.hparams(tiny_config(), variant), 32, "mobilevitv2_050")[0]
+    image = Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy())
+    torch.manual_seed(0)
+    for _ in range(300):
+        assert train_tf(image).shape == (3, 32, 32)
+
+
+def run_cfg(data_root, out_dir, model="mobilevitv2_xs", variant="baseline", **train_over):
+    cfg = tiny_config(data_root)
+    rc = study.run_config(cfg, model, variant, 0)
+    rc["hparams"].update(batch_size=8, epochs=2)
+    rc["train"].update(log_every=1, **train_over)
+    rc["out_dir"] = str(out_dir)
+    return rc
+
+
+def train_subprocess(rc):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lcnn.train", "--run-json", json.dumps(rc), "--out-dir", rc["out_dir"]]
+    return subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True)
+
+
+def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
+    """SIGUSR1 mid-epoch saves the full state and exits 75; the rerun ends exactly like an uninterrupted run."""
+    whole = run_cfg(built_data, tmp_path / "whole")
+    assert train_subprocess(whole).wait(timeout=600) == 0
+
+    cut = run_cfg(built_data, tmp_path / "cut")
+    proc = train_subprocess(cut)
+    for line in proc.stdout:
+        if "epoch 1 step 3/" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=600) == train.EXIT_PREEMPTED
+    assert (tmp_path / "cut" / "train_state.pt").is_file()
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+
+    resumed = train_subprocess(cut)
+    log = resumed.stdout.read()
+    assert resumed.wait(timeout=600) == 0, log
+    assert "resuming at epoch 1 step" in log
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
+    assert (ma["top1"], ma["top5"]) == (mb["top1"], mb["top5"])
+    assert not (tmp_path / "cut" / "train_state.pt").exists()  # cleaned up after success
+
+
+def test_run_writes_every_output_with_fixed_keys(built_data, tmp_path):
+    metrics = train.run(run_cfg(built_data, tmp_path, model="mobilenetv3_l"))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"model.safetensors", "history.csv", "config.json", "env.json", "metrics.json"} <= names
+    assert metrics["status"] == "ok" and metrics["epochs_completed"] == 2
+    assert metrics["train_images"] == 120 and metrics["val_images"] == 60
+    assert 0 < metrics["peak_mem_mb"] < 2048  # streams from disk: a small job stays small
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert history[0] == ",".join(train.HISTORY_COLUMNS) and len(history) == 3
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["packages"]["timm"] and "slurm_job_id" in env
+
+
+def test_divergent_variant_stops_early_and_says_so(built_data, tmp_path):
+    rc = run_cfg(built_data, tmp_path)
+    rc["hparams"].update(lr_base=1e12, warmup_epochs=0, sched="none")
+    metrics = train.run(rc)
+    assert metrics["status"] == "diverged"
+    assert metrics["diverged_at"]["epoch"] == 1 and metrics["diverged_at"]["step"] >= 1
+    assert metrics["top1"] is None  # never reported as a zero-accuracy run
+
+
+def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
+    with pytest.raises(LcnnError, match="fp16 but there is no GPU; use bf16 or no"):
+        train.run(run_cfg(built_data, tmp_path, precision="fp16"))
+    rc = run_cfg(built_data, tmp_path)
+    rc["hparams"]["batch_size"] = 1000
+    with pytest.raises(LcnnError, match="exceeds the 120 training images"):
+        train.run(rc)

@@ -1,0 +1,120 @@
+"""The workflow layer: lint, formatting, dry runs of the real config, and the tiny study end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import BIN, REPO, TINY_ARGS, copy_workflow, snakemake
+
+from lcnn import config as study
+from lcnn.data import imagenet_synsets
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table."""
+    table = stdout.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+@pytest.fixture(scope="module")
+def fake_imagenet_config(tmp_path_factory) -> Path:
+    """Empty ImageNet-shaped folders and an overlay pointing the real config at them (enough for a dry run)."""
+    base = tmp_path_factory.mktemp("imagenet")
+    for wnid in imagenet_synsets():
+        (base / "train" / wnid).mkdir(parents=True)
+    (base / "val").mkdir()
+    (base / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
+    overlay = base / "paths.yaml"
+    paths = {
+        "train_dir": str(base / "train"),
+        "val_dir": str(base / "val"),
+        "val_labels": str(base / "LOC_val_solution.csv"),
+    }
+    overlay.write_text(yaml.safe_dump({"data": {"imagenet": paths}}))
+    return overlay
+
+
+def test_lint_is_clean():
+    proc = snakemake(REPO, "--lint", "--profile", "profiles/demo")
+    assert "Congratulations, your workflow is in a good condition" in proc.stdout + proc.stderr
+
+
+def test_formatting_is_clean():
+    subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "rules"], cwd=REPO, check=True)
+    subprocess.run([str(BIN / "ruff"), "check", "lcnn", "tests"], cwd=REPO, check=True)
+    subprocess.run([str(BIN / "ruff"), "format", "--check", "lcnn", "tests"], cwd=REPO, check=True)
+
+
+def test_dry_run_of_the_real_config_lists_every_training_job(tmp_path, fake_imagenet_config):
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, "-n", "--configfile", "config.yaml", str(fake_imagenet_config))
+    cfg = study.validate(yaml.safe_load((REPO / "config.yaml").read_text()))
+    counts = job_counts(proc.stdout)
+    assert counts["train"] == 7 * (len(cfg["variants"]) + 1) * len(cfg["seeds"]) == 336
+    assert counts["collect_seeds"] == 7 * (len(cfg["variants"]) + 1)
+    assert counts["benchmark"] == 7 and counts["report"] == 1 and counts["prepare_data"] == 1
+
+
+def test_single_target_builds_only_what_it_needs(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, "-n", "--profile", "profiles/demo", "results/tinyvit/cosine.json")
+    assert job_counts(proc.stdout) == {"prepare_data": 1, "train": 1, "collect_seeds": 1}
+
+
+@pytest.mark.parametrize(
+    ("overlay", "message"),
+    [
+        ({}, "lcnn config error: data.imagenet.train_dir=/datasets/imagenet/train does not exist"),
+        ({"baseline": {"opt": "adamx"}}, "lcnn config error: config key 'baseline.opt' is 'adamx'"),
+        ({"train": {"epochs": 3}}, "'train.epochs' is not allowed here; it belongs under baseline"),
+    ],
+)
+def test_bad_config_stops_before_any_job(tmp_path, overlay, message):
+    workdir = copy_workflow(tmp_path)
+    (workdir / "bad.yaml").write_text(yaml.safe_dump(overlay))
+    proc = snakemake(workdir, "-n", "--configfile", "config.yaml", "bad.yaml", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tiny_study):
+    for model in ("mobilenetv3_l", "mobilevitv2_xs"):
+        for variant in ("baseline", "cosine"):
+            result = json.loads((tiny_study / f"results/{model}/{variant}.json").read_text())
+            assert result["n_seeds"] == 1 and result["status"] == "ok"
+            assert 0 <= result["top1_mean"] <= 100 and result["runs"][0]["epochs_completed"] == 1
+            history = pd.read_csv(tiny_study / f"runs/{model}/{variant}/seed0/history.csv")
+            assert list(history["epoch"]) == [1]
+        bench = json.loads((tiny_study / f"benchmarks/{model}.json").read_text())
+        ok = [r for r in bench["rows"] if r["status"] == "ok" and r["form"] == "trained"]
+        assert {r["batch_size"] for r in ok} == {1, 4}
+        assert all(r["latency_ms_p50"] > 0 and r["throughput_ips"] > 0 for r in ok)
+    accuracy = (tiny_study / "results/report/accuracy.md").read_text()
+    assert "mobilenetv3_l" in accuracy and "cosine" in accuracy
+    gains = pd.read_csv(tiny_study / "results/report/gains.csv")
+    assert set(gains["model"]) == {"mobilenetv3_l", "mobilevitv2_xs"}
+    for name in ("pareto.png", "learning_curves.png", "claims.md", "latency.csv"):
+        assert (tiny_study / "results/report" / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_finished_study_has_nothing_left_to_do(tiny_study):
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_package_never_imports_snakemake():
+    code = (
+        "import sys, lcnn.data, lcnn.models, lcnn.train, lcnn.benchmark, lcnn.report; print('snakemake' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
