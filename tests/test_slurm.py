@@ -275,7 +275,10 @@ def test_tiny_study_runs_every_job_on_slurm(slurm_cluster, tmp_path):
         "benchmark": c["LCNN_SLURM_BENCH_PARTITION"],
         "report": c["LCNN_SLURM_CPU_PARTITION"],
     }
-    assert sorted(by_rule) == sorted(partition), f"rules submitted to SLURM: {sorted(by_rule)}"
+    assert sorted(by_rule) == sorted(partition), (
+        f"rules submitted to SLURM: {sorted(by_rule)}; expected {sorted(partition)} "
+        "(collect_seeds is a local rule, report a SLURM job on the CPU partition)"
+    )
     for rule, rows in by_rule.items():
         assert {r["Partition"] for r in rows} == {partition[rule]}, rows
     for row in by_rule["benchmark"]:
@@ -309,5 +312,6 @@ def test_tiny_study_runs_every_job_on_slurm(slurm_cluster, tmp_path):
         assert any(row["status"] == "ok" for row in b["rows"]), path
 
     summary = json.loads((work / "results" / "report" / "summary.json").read_text())
+    assert "env" in summary, "results/report/summary.json should record lcnn.utils.environment() as 'env'"
     slurm_id(summary["env"], "report")
     assert summary["runs"] == {"total": n_runs, "ok": n_runs, "diverged": 0}, summary["runs"]
