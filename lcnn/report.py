@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, read_json
+from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, read_json
 
 TABLES = ("claims", "accuracy", "gains", "best_variants", "best_per_axis", "runs", "compute", "latency", "models")
 FIGURES = ("pareto", "gain_heatmap", "learning_curves", "throughput_vs_batch")
@@ -604,6 +604,7 @@ def run(cfg: dict) -> dict:
         "confidence": conf,
         "report_config": rep,
         "claims": tables["claims"].to_dict(orient="records"),
+        "env": environment(),  # where the report was built (its SLURM job id on a cluster)
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

@@ -10,10 +10,6 @@ from lcnn.report import TABLES as REPORT_TABLES
 REPORT_DIR = "results/report"
 
 
-localrules:
-    report,
-
-
 rule report:
     input:
         results=result_files,

@@ -1,6 +1,10 @@
 # Training stage: one job per model x variant x seed, then one result per model x variant over its seeds.
 
 
+localrules:
+    collect_seeds,  # a small JSON merge: not worth a queue wait
+
+
 rule train:
     input:
         train=rules.prepare_data.output.train,
@@ -18,6 +22,7 @@ rule train:
     threads: max(1, config["train"]["num_workers"])
     resources:
         gpu=config["train"]["gpus_per_job"],
+        cpus_per_gpu=config["train"]["num_workers"] + 1,
         mem_mb=32000,
         # a time limit that grows with each retry; a preempted job resumes from its saved state
         runtime=lambda wildcards, attempt: 720 * attempt,
