@@ -43,8 +43,25 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# the metrics.json keys a result is built from (lcnn.train writes them all; see the contract)
+REQUIRED = ("model", "variant", "axis", "timm_name", "seed", "status", "top1", "top5", "device_hours")
+REQUIRED += ("epochs_completed",)
+STATUSES = ("ok", "diverged")
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """One seed's metrics.json, refused with the file named when it is not a finished run's record."""
+    metrics = read_json(path)
+    missing = [k for k in REQUIRED if not isinstance(metrics, dict) or k not in metrics]
+    if missing:
+        raise LcnnError(f"{path} lacks {', '.join(missing)}; it was not written by lcnn.train, delete it and retrain")
+    if metrics["status"] not in STATUSES:
+        raise LcnnError(f"{path} has status {metrics['status']!r}, not one of {STATUSES}; delete it and retrain")
+    return metrics
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    result = summarize([read_json(p) for p in cfg["metrics"]])
+    result = summarize([read_metrics(p) for p in cfg["metrics"]])
     atomic_write_json(cfg["out"], result)
     return result
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,19 +35,67 @@ def cli(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; outputs get the mode an ordinary open() would give them, so a shared results
+# folder stays readable by the group on a cluster. Read once: os.umask can only be read by setting it.
+_FILE_MODE = 0o666 & ~_umask()
+_HOST_TAG = hashlib.sha1(platform.node().encode()).hexdigest()[:8]
+_TMP_RE = re.compile(r"^\..+\.(\d+)-([0-9a-f]{8})\.[^.]+\.tmp$")  # .{name}.{pid}-{host}.{random}.tmp
+_SWEPT: set[Path] = set()
+
+
+def _sweep_stale_tmps(folder: Path) -> None:
+    """Delete temp files left in ``folder`` by writers on this host that were killed mid-write (SIGKILL, OOM).
+
+    Only files named by :func:`_atomic` whose process is gone are removed, so a concurrent writer is never
+    disturbed; each folder is swept once per process, which keeps many small writes (the data stage) cheap.
+    """
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TMP_RE.match(entry.name)
+        if not match or match[2] != _HOST_TAG or int(match[1]) == os.getpid() or _alive(int(match[1])):
+            continue
+        Path(entry.path).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the pid exists but belongs to someone else
+        return True
+    return True
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write through ``write(tmp_path)`` to a temporary file in the same directory, then rename.
 
-    A reader (or Snakemake) therefore sees either the old file, no file, or the complete new one.
+    A reader (or Snakemake) therefore sees either the old file, no file, or the complete new one. The
+    temporary name starts with "." and ends with ".tmp", so no output pattern or glob mistakes it for a
+    result; temporaries of killed writers are swept on the next write into the same folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _sweep_stale_tmps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-{_HOST_TAG}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
