@@ -6,13 +6,15 @@ Why it is built this way (what a deployment engineer needs to trust the numbers)
   ``1000 / throughput``. On the GPU each iteration is bracketed by CUDA events and synchronized, so no queued
   asynchronous work escapes the clock. ``throughput_ips = batch * iters / wall time of the timed loop``.
 * Warm-up iterations run first, untimed (oneDNN/cuDNN algorithm selection, allocator growth, torch.compile).
-  Warm-up and timing stop at ``iters`` or ``time_budget_s``, whichever comes first, with at least
-  ``MIN_ITERS`` timed iterations; the row's ``iters`` says how many were timed.
+  Warm-up and timing each stop at their count or ``time_budget_s``, whichever comes first (at least
+  MIN_WARMUP / MIN_ITERS iterations), so a configuration takes at most about 2 x budget plus one iteration;
+  the row's ``iters`` says how many were timed.
 * Precisions are autocast dtypes (fp32 weights, activations in fp16/bf16). fp16 on the CPU is recorded as
   "unsupported" rather than timed through slow fallback kernels.
 * ``peak_mem_mb``: GPU = ``torch.cuda.max_memory_allocated`` during the configuration (weights + activations +
   workspaces). CPU = peak resident set size during the configuration (Linux ``VmHWM``, reset through
-  ``/proc/self/clear_refs`` before it) minus the process RSS before the model was built. It includes allocator
+  ``/proc/self/clear_refs`` before it) minus the process RSS before the model was built (:func:`run`; for
+  :func:`benchmark_model` without ``rss_baseline_mb``: the RSS at its start, weights excluded). It includes allocator
   caches kept from earlier configurations, so it is an upper-side estimate; ``None`` where the kernel does not
   allow the reset.
 * An out-of-memory batch becomes an "oom" row (memory is freed, larger batches of that configuration are
@@ -22,6 +24,10 @@ Why it is built this way (what a deployment engineer needs to trust the numbers)
   changes the model: RepVGG, MobileOne, FastViT, TinyViT's conv-bn), "compiled" (``torch.compile``), and the
   ONNX Runtime edge path (lcnn.bench_onnx). A form whose outputs drift from the trained model beyond
   ``REL_TOL`` is not timed; its rows say why.
+
+Output beyond the contract: rows also carry ``latency_ms_max`` and ``threads`` (torch intra-op threads, or ORT's);
+the top level adds ``weights``, ``device``, ``forms`` (params/FLOPs per form), ``settings`` (resolved, plus TF32/
+cuDNN flags) and ``host_load_avg_1m`` (other work on the host makes CPU timings meaningless; check it).
 
 ``python -m lcnn.benchmark --timm-name resnet18 --num-classes 10`` benchmarks a random-init timm model.
 """
