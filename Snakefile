@@ -2,6 +2,7 @@
 #   snakemake --profile profiles/slurm      the real study on a SLURM GPU cluster
 #   snakemake --profile profiles/demo       the same study, scaled down, on built-in data on the CPU
 #   snakemake report                        everything up to the report tables and figures
+#   --config search='{"mode": "halving"}'   successive halving over the variants instead of the full grid
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -16,6 +17,7 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/search.smk"
 include: "rules/benchmark.smk"
 include: "rules/report.smk"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 from functools import cache
 from pathlib import Path
@@ -113,6 +114,7 @@ def _check_references(cfg: dict[str, Any]) -> None:
     for name in cfg["report"]["fast_models"]:
         if name not in cfg["models"]:
             raise LcnnError(f"report.fast_models names '{name}', which is not in models")
+    check_search(cfg)
 
 
 def check_models(cfg: dict[str, Any]) -> None:
@@ -195,3 +197,62 @@ def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict
         "train": copy.deepcopy(cfg["train"]),
         "data_root": cfg["data"]["root"],
     }
+
+
+# ------------------------------------------------------------------------------------------ search (halving)
+def search_mode(cfg: dict[str, Any]) -> str:
+    """``grid`` (every variant to the full budget) or ``halving`` (successive halving over rungs)."""
+    return (cfg.get("search") or {}).get("mode", "grid")
+
+
+def pinned_variants(cfg: dict[str, Any]) -> list[str]:
+    """Variants halving always carries to the full budget: the baseline (gains are measured against it) and the
+    benchmarked variant (its weights are timed). They compete like the others; losing only makes them references."""
+    return list(dict.fromkeys([BASELINE, cfg["benchmark"]["variant"]]))
+
+
+def rung_schedule(cfg: dict[str, Any]) -> list[int]:
+    """Total epochs trained by the end of each halving rung; the last entry is always ``baseline.epochs``.
+
+    ``search.rung_epochs`` lists the rungs that end in a selection; the full budget is appended when it is not
+    already last. Without it, rungs are eta-spaced (E/eta^k, ..., E/eta) with k the number of selections that
+    take the candidates down to one, so each rung costs about the same.
+    """
+    search = cfg.get("search") or {}
+    budget, eta = cfg["baseline"]["epochs"], search.get("eta", 3)
+    rungs = list(search.get("rung_epochs") or [])
+    if not rungs:
+        n, k = len(variant_names(cfg)), 0
+        while n > 1:
+            n, k = math.ceil(n / eta), k + 1
+        rungs = sorted({max(1, round(budget / eta**i)) for i in range(k, 0, -1)} - {budget})
+    return rungs if rungs and rungs[-1] == budget else [*rungs, budget]
+
+
+def check_search(cfg: dict[str, Any]) -> None:
+    """One-line errors for a search section that cannot work (the schema checks types and ranges)."""
+    search = cfg.get("search") or {}
+    budget = cfg["baseline"]["epochs"]
+    rungs = search.get("rung_epochs") or []
+    if any(b <= a for a, b in zip(rungs, rungs[1:])):
+        raise LcnnError(f"search.rung_epochs {rungs} must increase strictly: each rung trains further than the last")
+    if rungs and rungs[-1] > budget:
+        raise LcnnError(
+            f"search.rung_epochs {rungs} goes past baseline.epochs ({budget}); every rung must be at most "
+            "baseline.epochs (the survivors of the last rung then train to the full budget)"
+        )
+    if search_mode(cfg) != "halving":
+        return
+    if len(variant_names(cfg)) < 2:
+        raise LcnnError("search.mode halving needs at least 2 variants to choose between; select more variants")
+    if len(rung_schedule(cfg)) < 2:
+        raise LcnnError(
+            f"search.rung_epochs {rungs} stops no run before baseline.epochs ({budget}), so halving would "
+            f"eliminate nothing; add an earlier rung, e.g. [{max(1, budget // search.get('eta', 3))}, {budget}]"
+        )
+    for name in variant_names(cfg):
+        if "epochs" in all_variants(cfg)[name]:
+            raise LcnnError(
+                f"variant '{name}' sets its own epochs; halving gives every variant baseline.epochs, "
+                "so remove it there or use search.mode grid"
+            )

@@ -21,6 +21,7 @@ import pandas as pd
 from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, read_json
 
 TABLES = ("claims", "accuracy", "gains", "best_variants", "best_per_axis", "runs", "compute", "latency", "models")
+TABLES += ("halving",)  # halving vs grid (lcnn.search); no rows unless a halving search is given
 FIGURES = ("pareto", "gain_heatmap", "learning_curves", "throughput_vs_batch")
 TABLE_FORMATS = ("md", "csv", "tex", "html")
 LATENCY_FIELDS = ("form", "engine", "device", "precision", "channels_last", "batch_size", "status", "error")
@@ -261,18 +262,22 @@ def accuracy_table(runs: pd.DataFrame, conf: float = 0.95, baseline: str = "base
     return pd.DataFrame(rows)
 
 
-def gains_table(runs: pd.DataFrame, baseline: str = "baseline", conf: float = 0.95) -> pd.DataFrame:
+def gains_table(
+    runs: pd.DataFrame, baseline: str = "baseline", conf: float = 0.95, searched: dict[str, int] | None = None
+) -> pd.DataFrame:
     """Top-1 gain of each variant over its model's baseline, with a Welch CI and a significance flag.
 
     ``significant_corrected`` repeats the test at a Bonferroni-corrected level over the model's variants,
-    because picking the best of many variants inflates the best gain even when nothing works.
+    because picking the best of many variants inflates the best gain even when nothing works. After a halving
+    search, ``searched`` gives each model's number of candidate variants: the finalists were picked from all of
+    them, so the correction counts them all, not only the few that reached the full budget.
     """
     rows = []
     for model in sorted(runs["model"].unique()):
         sub = runs[runs["model"] == model]
         base = _ok(sub[sub["variant"] == baseline])["top1"]
         variants = [v for v in _variant_order(sub["variant"], baseline) if v != baseline]
-        k = max(len(variants), 1)
+        k = max(len(variants), (searched or {}).get(model, 0), 1)
         for variant in variants:
             grp = sub[sub["variant"] == variant]
             ok = _ok(grp)
@@ -292,7 +297,7 @@ def gains_table(runs: pd.DataFrame, baseline: str = "baseline", conf: float = 0.
                 | {"baseline_top1": mean_ci(base)["mean"], "top1_mean": mean_ci(ok["top1"])["mean"]}
                 | {"gain": g["gain"], "gain_ci_lo": g["ci_lo"], "gain_ci_hi": g["ci_hi"], "welch_df": g["df"]}
                 | {"significant": _yn(g["significant"]), "significant_corrected": _yn(gc["significant"])}
-                | {"n_compared": len(variants), "note": note}
+                | {"n_compared": max(len(variants), (searched or {}).get(model, 0)), "note": note}
             )
     cols = ["model", "variant", "axis", "n", "n_baseline", "n_diverged", "baseline_top1", "top1_mean", "gain"]
     cols += ["gain_ci_lo", "gain_ci_hi", "welch_df", "significant", "significant_corrected", "n_compared", "note"]
@@ -475,6 +480,8 @@ def claims_table(
 _SPECS = {"device_hours": ".4g", "welch_df": ".1f", "params_M": ".2f", "gmacs": ".3f", "throughput_ips": ".1f"}
 _SPECS |= {k: ".0f" for k in ("batch_size", "max_throughput_batch", "epochs", "epochs_completed", "best_epoch")}
 _SPECS |= {k: ".0f" for k in ("max_throughput_ips", "num_devices", "seed", "train_seconds")}
+_SPECS |= {k: ".4g" for k in ("halving_device_hours", "grid_device_hours")}
+_SPECS |= {k: ".0f" for k in ("halving_epochs", "grid_epochs")}
 _STATUS_CELLS = {"runs": ("top1", "top5"), "latency": ("latency_ms_p50", "latency_ms_p99", "throughput_ips")}
 
 
@@ -552,7 +559,7 @@ def _check_report_cfg(rep: dict) -> dict:
 
 def run(cfg: dict) -> dict:
     """Build every table and figure under ``cfg['out_dir']`` and return the summary index."""
-    from lcnn import figures
+    from lcnn import figures, search
 
     rep = _check_report_cfg(cfg.get("report") or {})
     if not cfg.get("results"):
@@ -569,8 +576,14 @@ def run(cfg: dict) -> dict:
     tol = float(rep.get("equivalence_tol", EQUIVALENCE_TOL))
     bench_rows, bench_models = load_benchmarks(cfg.get("benchmarks") or [], tol)
 
+    # halving vs grid: in grid mode the results are the grid; in halving mode a finished grid may be given too
+    summaries = [read_json(p) for p in cfg.get("search") or []]
+    halving = cfg.get("search_mode") == "halving"
+    grid_paths = (cfg.get("grid_results") or []) if halving else cfg["results"]
+    searched = {s["model"]: len([v for v in s["candidates"] if v != baseline]) for s in summaries} if halving else None
+
     acc = accuracy_table(runs, conf, baseline)
-    gains = gains_table(runs, baseline, conf)
+    gains = gains_table(runs, baseline, conf, searched)
     best, best_axis = best_tables(gains)
     models = models_table(acc, best, bench_rows, bench_models, baseline)
     tables = {
@@ -583,6 +596,7 @@ def run(cfg: dict) -> dict:
         "compute": compute_table(runs),
         "latency": latency_table(bench_rows),
         "models": models,
+        "halving": search.halving_table(summaries, [read_json(p) for p in grid_paths] if summaries else []),
     }
     written: dict[str, Any] = {"tables": {}, "figures": {}}
     for name in TABLES:
@@ -604,6 +618,8 @@ def run(cfg: dict) -> dict:
         "confidence": conf,
         "report_config": rep,
         "claims": tables["claims"].to_dict(orient="records"),
+        "search_mode": cfg.get("search_mode", "grid"),
+        "halving": json.loads(tables["halving"].to_json(orient="records")),
         "env": environment(),  # where the report was built (its SLURM job id on a cluster)
     }
     atomic_write_json(out_dir / "summary.json", summary)
@@ -620,6 +636,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", nargs="+", required=True, help="results/{model}/{variant}.json files")
     p.add_argument("--histories", nargs="*", default=[], help="runs/{model}/{variant}/seed{seed}/history.csv files")
     p.add_argument("--benchmarks", nargs="*", default=[], help="benchmarks/{model}.json files")
+    p.add_argument("--search", nargs="*", default=[], help="search/{model}/halving.json of a halving search")
+    p.add_argument("--grid-results", nargs="*", default=[], help="halving mode: grid results to compare with")
     p.add_argument("--out-dir", default="results/report", help="where tables, figures and summary.json go")
     return p
 
@@ -644,6 +662,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     cfg = _config_json(args.config_json)
     cfg |= {"results": args.results, "histories": args.histories, "benchmarks": args.benchmarks}
+    cfg |= {"search": [p for p in args.search if p], "grid_results": [p for p in args.grid_results if p]}
     summary = run(cfg | {"out_dir": args.out_dir})
     n = sum(len(v) for v in summary["tables"].values()) + len(summary["figures"])
     print(f"lcnn report: wrote {n + 2} files to {args.out_dir} (index: {args.out_dir}/summary.json)")

@@ -66,7 +66,18 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     train_loss_fn, val_loss_fn = build_loss(hp)
 
     state = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    epochs = hp["epochs"]  # the schedule always spans the full budget, also when this job stops earlier
+    stop_at = int(cfg.get("stop_epoch") or epochs)  # a halving rung stops here; its state lets the next one go on
+    if not 1 <= stop_at <= epochs:
+        raise LcnnError(f"stop_epoch {stop_at} must be between 1 and the run's {epochs} epochs")
     saved = checkpoint.load(out)
+    if saved is None and cfg.get("init_state"):  # a later rung: go on from where the previous rung stopped
+        saved = checkpoint.load(cfg["init_state"])
+        if saved is None or saved["epoch"] > stop_at or saved["step"]:
+            raise LcnnError(
+                f"no usable training state in {cfg['init_state']} to go on from (missing, or not at an epoch "
+                f"<= {stop_at}); rerun the previous rung, e.g. by deleting its metrics.json"
+            )
     if saved is not None:
         accelerator.unwrap_model(model).load_state_dict(saved["model"])
         optimizer.optimizer.load_state_dict(saved["optimizer"])
@@ -95,13 +106,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     stop = _Stop()
     diverged = None
-    epochs = hp["epochs"]
     accelerator.print(
         f"[{tag}] {cfg['timm_name']} {models.count_params(model) / 1e6:.1f}M params, {len(train_loader.dataset)} "
         f"train / {len(val_loader.dataset)} val images, {epochs} epochs x {steps} steps, lr {lr:.3g}, "
         f"{accelerator.num_processes} x {accelerator.device} precision={accelerator.mixed_precision}"
+        + (f", stopping after epoch {stop_at}" if stop_at < epochs else "")
     )
-    while state["epoch"] < epochs and diverged is None:
+    while state["epoch"] < stop_at and diverged is None:
         epoch = state["epoch"]
         model.train()
         train_loader.set_epoch(epoch)  # reshuffles with seed + epoch, and reseeds per-sample augmentation
@@ -167,7 +178,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             save_state()
 
     result = _finish(cfg, out, accelerator, model, state, diverged, img_size, num_classes)
-    if accelerator.is_main_process and not tcfg.get("keep_checkpoint"):
+    stopped_early = diverged is None and state["epoch"] < epochs  # the next rung goes on from the saved state
+    if accelerator.is_main_process and not tcfg.get("keep_checkpoint") and not stopped_early:
         checkpoint.remove(out)
     return result
 

@@ -15,6 +15,7 @@ rule report:
         results=result_files,
         histories=history_files,
         benchmarks=benchmark_files,
+        search=search_summary_files,
     output:
         claims=report(
             f"{REPORT_DIR}/claims.html",
@@ -70,6 +71,12 @@ rule report:
             category="Tables",
             labels={"table": "models"},
         ),
+        halving=report(
+            f"{REPORT_DIR}/halving.html",
+            caption="../report/halving.rst",
+            category="Tables",
+            labels={"table": "halving"},
+        ),
         pareto=report(
             f"{REPORT_DIR}/pareto.png",
             caption="../report/pareto.rst",
@@ -111,9 +118,19 @@ rule report:
         runtime=30,
     params:
         # the report section travels as one quoted JSON argument: no temp file, no unquoted config strings
-        cfg=json.dumps({"report": config["report"], "baseline_variant": "baseline"}),
+        cfg=json.dumps(
+            {
+                "report": config["report"],
+                "baseline_variant": "baseline",
+                "search_mode": config["search"]["mode"],
+            }
+        ),
+        # halving vs grid: the halving summaries, and grid results already on disk (read, never built from here)
+        search=report_search_files,
+        grid=report_grid_results,
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     shell:
         "python -m lcnn.report --config-json {params.cfg:q}"
         " --results {input.results:q} --histories {input.histories:q}"
-        " --benchmarks {input.benchmarks:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --benchmarks {input.benchmarks:q} --search {params.search:q} --grid-results {params.grid:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

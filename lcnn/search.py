@@ -1,0 +1,343 @@
+"""Successive halving over one model's variants: rank a rung, keep the best ceil(n/eta), account the compute.
+
+The workflow (rules/search.smk) trains every candidate to the first rung's epochs, then ``select`` keeps the best
+``ceil(n / eta)`` by mean validation top-1 over the seeds; those go on from their saved state to the next rung,
+and the last rung's survivors reach the full budget. The baseline (and the benchmarked variant) always reach the
+full budget as references, so gains are still measured against the same baseline as in the grid. ``summarize``
+adds up what was spent and names the winner; :func:`halving_table` sets that against the full grid.
+
+Selection is deterministic: higher mean top-1 first, then higher mean top-5, then the variant name. A variant
+with a diverged seed never survives (a diverged run cannot go on). Winner and grid winner are picked the same
+way among all candidates, the baseline included: the question is which recipe each search would ship.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lcnn.report import mean_ci
+from lcnn.utils import LcnnError, atomic_write_json, cli, read_json
+
+RUN_KEYS = ("top1", "top5", "status", "epochs_completed", "train_seconds", "device_hours", "device_type")
+RUN_KEYS += ("val_images",)
+Z95 = 1.959963984540054
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's standing at a rung: means over its seeds; any diverged (or missing) seed disqualifies it."""
+    ok = [r for r in runs if r.get("status") == "ok" and r.get("top1") is not None]
+    mean = {k: statistics.fmean(r[k] for r in ok) if ok else None for k in ("top1", "top5")}
+    return {"top1_mean": mean["top1"], "top5_mean": mean["top5"], "n_seeds": len(runs), "n_ok": len(ok)} | {
+        "diverged": not runs or len(ok) < len(runs)
+    }
+
+
+def rank_key(variant: str, sc: dict[str, Any]) -> tuple:
+    """Sort key: usable before diverged, then higher top-1, higher top-5, and the name (so ties never flip)."""
+    neg = [-sc[k] if sc.get(k) is not None else math.inf for k in ("top1_mean", "top5_mean")]
+    return (bool(sc["diverged"]), neg[0], neg[1], variant)
+
+
+def select(
+    scores: dict[str, dict[str, Any]], competing: list[str], references: list[str], pinned: list[str], eta: int
+) -> dict[str, Any]:
+    """Keep the best ceil(n/eta) of the ``n`` competing variants; pinned ones that lose stay on as references.
+
+    Returns the ranking, the survivors (still competing), the eliminated, the references carried on, and
+    ``next``: every variant that trains in the next rung. Diverged variants are dropped, references included.
+    """
+    if eta < 2:
+        raise LcnnError(f"search.eta is {eta}; it must be at least 2 so that each rung keeps fewer variants")
+    missing = sorted((set(competing) | set(references)) - set(scores))
+    if missing:
+        raise LcnnError(f"no metrics for {', '.join(missing)} at this rung; rebuild the rung's runs")
+    ranking = sorted(competing, key=lambda v: rank_key(v, scores[v]))
+    keep = math.ceil(len(competing) / eta)
+    survivors = [v for v in ranking if not scores[v]["diverged"]][:keep]
+    eliminated = [v for v in ranking if v not in survivors]
+    carried = [v for v in dict.fromkeys([*pinned, *references]) if v in scores and v not in survivors]
+    refs = [v for v in carried if not scores[v]["diverged"]]
+    dropped = [v for v in carried if scores[v]["diverged"]]
+    return {"ranking": ranking, "keep": keep, "survivors": survivors, "eliminated": eliminated} | {
+        "references": refs,
+        "dropped_references": dropped,
+        "next": survivors + refs,
+    }
+
+
+def _group(metrics: list[dict[str, Any]], model: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> the few metrics the search keeps, checking that every file is one of this model's runs."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for m in metrics:
+        if m.get("model") != model:
+            raise LcnnError(f"metrics of model '{m.get('model')}' given to the search of '{model}'; pass its own runs")
+        out.setdefault(m["variant"], {})[int(m["seed"])] = {k: m.get(k) for k in RUN_KEYS}
+    return out
+
+
+def _check_rung_runs(runs: dict[str, dict[int, dict]], entrants: list[str], seeds: list[int], epochs: int) -> None:
+    for v in entrants:
+        got = sorted(runs.get(v, {}))
+        if got != sorted(seeds):
+            raise LcnnError(f"rung runs of '{v}' cover seeds {got}, expected {sorted(seeds)}; rebuild the rung")
+        for seed, r in runs[v].items():
+            if r["status"] == "ok" and r["epochs_completed"] != epochs:
+                raise LcnnError(
+                    f"'{v}' seed {seed} has {r['epochs_completed']} epochs where this rung ends at {epochs}; "
+                    "its metrics.json is stale: delete it and rerun"
+                )
+    extra = sorted(set(runs) - set(entrants))
+    if extra:
+        raise LcnnError(f"metrics of {', '.join(extra)} given, but they do not train in this rung")
+
+
+def select_rung(cfg: dict[str, Any], metrics: list[dict[str, Any]], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The selection after rung ``cfg['rung']``: who entered, their scores, and who trains in the next rung."""
+    if previous is None:
+        competing, references = list(cfg["candidates"]), []
+    else:
+        competing, references = list(previous["survivors"]), list(previous["references"])
+    runs = _group(metrics, cfg["model"])
+    _check_rung_runs(runs, competing + references, cfg["seeds"], cfg["epochs"])
+    scores = {v: score(list(seeds.values())) for v, seeds in runs.items()}
+    chosen = select(scores, competing, references, cfg["pinned"], cfg["eta"])
+    head = {k: cfg[k] for k in ("model", "rung", "epochs", "budget", "eta", "seeds")}
+    return head | {"competing": competing, "entering_references": references, "scores": scores, "runs": runs} | chosen
+
+
+# -------------------------------------------------------------------------------------------------- summary
+def summarize(cfg: dict[str, Any], rungs: list[dict[str, Any]], final: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything one model's halving did: rungs, eliminations, winner at the full budget, and its compute."""
+    rungs = sorted(rungs, key=lambda r: r["rung"])
+    if [r["rung"] for r in rungs] != list(range(1, len(rungs) + 1)):
+        raise LcnnError(f"rung selections {[r['rung'] for r in rungs]} are not 1..n; rebuild search/{cfg['model']}")
+    entrants = rungs[-1]["next"] if rungs else list(cfg["candidates"])
+    runs = _group(final, cfg["model"])
+    _check_rung_runs(runs, entrants, cfg["seeds"], cfg["budget"])
+    scores = {v: score(list(seeds.values())) for v, seeds in runs.items()}
+    order = sorted(scores, key=lambda v: rank_key(v, scores[v]))
+    winner = order[0] if order and not scores[order[0]]["diverged"] else None
+    stages = [r["runs"] for r in rungs] + [{v: {str(s): r for s, r in seeds.items()} for v, seeds in runs.items()}]
+    eliminated = {v: r["rung"] for r in rungs for v in r["eliminated"]}
+    dropped = {v: r["rung"] for r in rungs for v in r["dropped_references"]}
+    survivors = rungs[-1]["survivors"] if rungs else list(cfg["candidates"])
+    final_rows = {
+        v: {"role": "survivor" if v in survivors else "reference", **sc, "top1": [runs[v][s]["top1"] for s in runs[v]]}
+        for v, sc in scores.items()
+    }
+    return {
+        "model": cfg["model"],
+        "mode": "halving",
+        "eta": cfg["eta"],
+        "rung_epochs": cfg["schedule"],
+        "budget": cfg["budget"],
+        "seeds": cfg["seeds"],
+        "candidates": list(cfg["candidates"]),
+        "rungs": [
+            {k: r[k] for k in ("rung", "epochs", "competing", "ranking", "keep", "survivors", "eliminated")}
+            | {"references": r["references"], "scores": r["scores"]}
+            for r in rungs
+        ],
+        "eliminated_at": eliminated,
+        "dropped_references": dropped,
+        "final": final_rows,
+        "winner": winner,
+        "winner_top1": scores[winner]["top1_mean"] if winner else None,
+        "compute": compute(stages, cfg),
+    }
+
+
+def compute(stages: list[dict[str, dict[str, dict]]], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Epochs and device-hours halving spent (each rung's runs minus where they started), and the full grid's.
+
+    The grid's device-hours are estimated from each candidate's cost per epoch in the first rung, where every
+    candidate trains; a measured grid (lcnn.tools.search_vs_grid, or the report) replaces the estimate.
+    """
+    done: dict[tuple[str, str], dict[str, float]] = {}
+    epochs = hours = 0.0
+    for stage in stages:
+        for v, seeds in stage.items():
+            for s, r in seeds.items():
+                before = done.get((v, str(s)), {"epochs_completed": 0, "device_hours": 0.0})
+                epochs += (r["epochs_completed"] or 0) - before["epochs_completed"]
+                hours += (r["device_hours"] or 0.0) - before["device_hours"]
+                done[(v, str(s))] = {"epochs_completed": r["epochs_completed"] or 0, "device_hours": r["device_hours"]}
+    per_epoch = {}
+    for v, seeds in (stages[0] if stages else {}).items():
+        rates = [r["device_hours"] / r["epochs_completed"] for r in seeds.values() if r["epochs_completed"]]
+        if rates:
+            per_epoch[v] = statistics.fmean(rates)
+    fallback = statistics.median(per_epoch.values()) if per_epoch else math.nan
+    n_seeds, budget = len(cfg["seeds"]), cfg["budget"]
+    grid_hours = sum(per_epoch.get(v, fallback) * budget * n_seeds for v in cfg["candidates"])
+    grid_epochs = len(cfg["candidates"]) * budget * n_seeds
+    types = {r.get("device_type") for st in stages for seeds in st.values() for r in seeds.values()}
+    return {
+        "epochs": int(epochs),
+        "device_hours": hours,
+        "device_type": ",".join(sorted(str(t) for t in types if t)) or None,
+        "grid_epochs": grid_epochs,
+        "grid_device_hours_estimate": grid_hours,
+        "epoch_fraction": epochs / grid_epochs if grid_epochs else math.nan,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- vs. grid
+def winner_of(results: dict[str, dict[str, Any]]) -> str | None:
+    """The best variant of a grid (``variant -> results/{model}/{variant}.json``), ranked like the halving."""
+    scores = {v: score(res.get("runs") or []) for v, res in results.items()}
+    order = sorted(scores, key=lambda v: rank_key(v, scores[v]))
+    return order[0] if order and not scores[order[0]]["diverged"] else None
+
+
+def interval(runs: list[dict[str, Any]], confidence: float = 0.95) -> tuple[float, float, str]:
+    """Confidence interval of a variant's mean top-1: over seeds (t) with 2+ seeds, else the validation set's
+    binomial (Wilson) interval of the one run, which shows val-sampling noise only (seed noise is unknown)."""
+    ok = [r["top1"] for r in runs if r.get("status") == "ok" and r.get("top1") is not None]
+    if len(ok) >= 2:
+        st = mean_ci(ok, confidence)
+        return st["ci_lo"], st["ci_hi"], f"seeds (t, n={len(ok)})"
+    n = next((r.get("val_images") for r in runs if r.get("val_images")), None)
+    if len(ok) == 1 and n:
+        p, z = ok[0] / 100, Z95
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return 100 * (centre - half), 100 * (centre + half), f"val binomial (1 seed, {n} images)"
+    return math.nan, math.nan, "n/a"
+
+
+def compare(summary: dict[str, Any], grid: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One model's halving against its grid (``variant -> grid result``; empty = no grid results to compare)."""
+    comp = summary["compute"]
+    rungs = summary["rung_epochs"]
+    elim = ", ".join(f"{v}@r{r}" for v, r in sorted(summary["eliminated_at"].items(), key=lambda x: (x[1], x[0])))
+    win = summary["winner"]
+    row = {
+        "model": summary["model"],
+        "candidates": len(summary["candidates"]),
+        "rungs": "/".join(str(e) for e in rungs),
+        "eliminated": elim,
+        "halving_winner": win or "n/a",
+        "halving_top1": summary["winner_top1"],
+        "halving_epochs": comp["epochs"],
+        "halving_device_hours": comp["device_hours"],
+    }
+    grid = {v: g for v, g in grid.items() if v in summary["candidates"]}
+    missing = [v for v in summary["candidates"] if v not in grid]
+    gw = winner_of(grid) if grid else None
+    if not grid:
+        row |= {"grid_epochs": comp["grid_epochs"], "grid_device_hours": comp["grid_device_hours_estimate"]}
+        row |= {"grid_basis": "estimated (no grid results)", "grid_winner": "n/a", "verdict": "n/a"}
+    else:
+        g_epochs = sum(r.get("epochs_completed") or 0 for g in grid.values() for r in g.get("runs") or [])
+        g_hours = sum(r.get("device_hours") or 0.0 for g in grid.values() for r in g.get("runs") or [])
+        row |= {"grid_epochs": g_epochs, "grid_device_hours": g_hours}
+        row["grid_basis"] = "measured" + (f" (grid lacks {', '.join(missing)})" if missing else "")
+        row["grid_winner"] = gw or "n/a"
+    row["epoch_fraction"] = comp["epochs"] / row["grid_epochs"] if row["grid_epochs"] else math.nan
+    row["hours_fraction"] = comp["device_hours"] / row["grid_device_hours"] if row["grid_device_hours"] else math.nan
+    if gw:
+        lo, hi, basis = interval(grid[gw]["runs"])
+        row |= {"grid_top1": score(grid[gw]["runs"])["top1_mean"], "grid_ci_lo": lo, "grid_ci_hi": hi}
+        row["ci_basis"] = basis
+        mine = score(grid[win]["runs"])["top1_mean"] if win in grid else None
+        row["winner_in_grid_top1"] = mine
+        if win == gw:
+            row["verdict"] = "same"
+        elif mine is not None and math.isfinite(lo) and mine >= lo:
+            row["verdict"] = "within CI"
+        else:
+            row["verdict"] = "no" if mine is not None else "n/a"
+    elif grid:
+        row["verdict"] = "n/a"
+    return row
+
+
+HALVING_COLUMNS = ["model", "candidates", "rungs", "eliminated", "halving_winner", "halving_top1", "grid_winner"]
+HALVING_COLUMNS += ["grid_top1", "grid_ci_lo", "grid_ci_hi", "ci_basis", "winner_in_grid_top1", "verdict"]
+HALVING_COLUMNS += ["halving_epochs", "grid_epochs", "epoch_fraction", "halving_device_hours", "grid_device_hours"]
+HALVING_COLUMNS += ["hours_fraction", "grid_basis"]
+
+
+def halving_table(summaries: list[dict[str, Any]], grid_results: list[dict[str, Any]]) -> pd.DataFrame:
+    """Halving vs the full grid per model, plus an ALL row: matches, and epochs and device-hours spent."""
+    by_model: dict[str, dict[str, dict]] = {}
+    for res in grid_results:
+        by_model.setdefault(res["model"], {})[res["variant"]] = res
+    rows = [compare(s, by_model.get(s["model"], {})) for s in sorted(summaries, key=lambda s: s["model"])]
+    if rows:
+        df = pd.DataFrame(rows)
+        judged = df[df["verdict"].isin(["same", "within CI", "no"])]
+        hits = int(judged["verdict"].isin(["same", "within CI"]).sum())
+        total = {"model": "ALL", "candidates": int(df["candidates"].sum())}
+        total |= {"verdict": f"{hits}/{len(judged)} same or within CI" if len(judged) else "n/a"}
+        for col in ("halving_epochs", "grid_epochs", "halving_device_hours", "grid_device_hours"):
+            total[col] = df[col].sum()
+        total["epoch_fraction"] = total["halving_epochs"] / total["grid_epochs"] if total["grid_epochs"] else math.nan
+        gh = total["grid_device_hours"]
+        total["hours_fraction"] = total["halving_device_hours"] / gh if gh else math.nan
+        total["grid_basis"] = ", ".join(sorted(set(df["grid_basis"].str.split(" \\(").str[0])))
+        rows.append(total)
+    df = pd.DataFrame(rows, columns=HALVING_COLUMNS)
+    for col in ("halving_top1", "grid_top1", "grid_ci_lo", "grid_ci_hi", "winner_in_grid_top1", "epoch_fraction"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    for col in ("halving_device_hours", "grid_device_hours", "hours_fraction"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg['command']`` is ``select`` (one rung's selection) or ``summarize`` (one model's whole search)."""
+    metrics = [read_json(p) for p in cfg["metrics"]]
+    if cfg["command"] == "select":
+        previous = read_json(cfg["previous"]) if cfg.get("previous") else None
+        out = select_rung(cfg, metrics, previous)
+    else:
+        out = summarize(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
+    atomic_write_json(cfg["out"], out)
+    return out
+
+
+def _config_json(arg: str) -> dict[str, Any]:
+    try:
+        conf = json.loads(arg)
+    except json.JSONDecodeError as err:
+        raise LcnnError(f"--config-json is not valid JSON ({err}); let the workflow write it") from None
+    need = {"model", "eta", "budget", "seeds", "candidates", "pinned"}
+    if not isinstance(conf, dict) or need - set(conf):
+        raise LcnnError(f"--config-json needs {', '.join(sorted(need))}; let rules/search.smk write it")
+    return conf
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lcnn.search", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["select", "summarize"], help="select: one rung; summarize: one model")
+    parser.add_argument("metrics", nargs="+", help="metrics.json of the rung's runs (summarize: of the last rung)")
+    parser.add_argument("--config-json", required=True, help="model, rung, epochs, budget, eta, seeds, candidates")
+    parser.add_argument("--previous", nargs="*", default=[], help="select: the previous rung's selection, if any")
+    parser.add_argument("--rungs", nargs="*", default=[], help="summarize: every rung's selection JSON")
+    parser.add_argument("--out", required=True, type=Path, help="where the JSON goes")
+    args = parser.parse_args(argv)
+    cfg = _config_json(args.config_json) | {"command": args.command, "metrics": args.metrics, "out": args.out}
+    previous = [p for p in args.previous if p]
+    if len(previous) > 1:
+        raise LcnnError(f"--previous takes one selection file, got {len(previous)}")
+    out = run(cfg | {"previous": previous[0] if previous else None, "rungs": [p for p in args.rungs if p]})
+    if args.command == "select":
+        print(f"{out['model']} rung {out['rung']} ({out['epochs']} epochs): next {', '.join(out['next'])}")
+    else:
+        print(f"{out['model']}: winner {out['winner']} ({out['compute']['epochs']} epochs)")
+
+
+if __name__ == "__main__":
+    main()
