@@ -218,7 +218,10 @@ def compare(summary: dict[str, Any], grid: dict[str, dict[str, Any]]) -> dict[st
     """One model's halving against its grid (``variant -> grid result``; empty = no grid results to compare)."""
     comp = summary["compute"]
     rungs = summary["rung_epochs"]
-    elim = ", ".join(f"{v}@r{r}" for v, r in sorted(summary["eliminated_at"].items(), key=lambda x: (x[1], x[0])))
+    elim = ", ".join(
+        f"{v}@r{r}" + (" (kept as reference)" if v in summary["final"] else "")
+        for v, r in sorted(summary["eliminated_at"].items(), key=lambda x: (x[1], x[0]))
+    )
     win = summary["winner"]
     row = {
         "model": summary["model"],

@@ -295,3 +295,31 @@ def test_halving_study_grows_its_dag_and_reruns_nothing(tmp_path):
 
     proc = snakemake(workdir, "-n", *args)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_report_sets_halving_against_a_grid_next_to_it(tmp_path):
+    """Halving mode: the report reads the finalists' results, the summary and a finished grid's results."""
+    from lcnn import report
+
+    s = two_rung_search()
+    full = {k: 3 for k in ("epochs", "epochs_completed")}
+    finals = {v: [metrics(v, 0, t) | full] for v, t in [("baseline", 60), ("b", 70), ("c", 80)]}
+    paths = {"summary": tmp_path / "halving.json", "results": [], "grid": []}
+    paths["summary"].write_text(json.dumps(s))
+    for v, runs in finals.items():
+        res = {"model": "m", "variant": v, "axis": "baseline" if v == "baseline" else "schedule", "runs": runs}
+        paths["results"].append(tmp_path / f"final_{v}.json")
+        paths["results"][-1].write_text(json.dumps(res | {"timm_name": "t"}))
+    for v, t in [("baseline", 60), ("a", 55), ("b", 70), ("c", 80)]:
+        paths["grid"].append(tmp_path / f"grid_{v}.json")
+        paths["grid"][-1].write_text(json.dumps(grid_result(v, [t])))
+    rep = {"gain_range": [1.5, 3.5], "fast_models": [], "latency_ms": 5.0, "throughput_ips": 9800}
+    cfg = {"report": rep, "search_mode": "halving", "out_dir": str(tmp_path / "report")}
+    cfg |= {"results": [str(p) for p in paths["results"]], "search": [str(paths["summary"])]}
+    summary = report.run(cfg | {"grid_results": [str(p) for p in paths["grid"]]})
+    table = pd.read_csv(tmp_path / "report" / "halving.csv")
+    assert table.loc[0, "verdict"] == "same" and table.loc[0, "eliminated"] == "a@r1, baseline@r1 (kept as reference)"
+    assert summary["halving"][0]["grid_basis"] == "measured"
+    gains = pd.read_csv(tmp_path / "report" / "gains.csv")
+    assert set(gains["variant"]) == {"b", "c"} and set(gains["n_compared"]) == {3}  # a, b, c were searched
+    assert "halving" in (tmp_path / "report" / "report.md").read_text()
