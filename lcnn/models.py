@@ -86,9 +86,27 @@ def _create_pretrained(timm_name: str, pretrained_file: str | None, kwargs: dict
                 "local .safetensors/.pth file"
             )
         overlay = {"file": str(pretrained_file)}
-        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            # timm loads non-strictly whenever num_classes differs from the weights' class count, which would
+            # silently keep a random init for weights of another architecture: load strictly at theirs first
+            own_classes = getattr(timm.models.get_pretrained_cfg(timm_name), "num_classes", None) or 1000
+            if kwargs["num_classes"] != own_classes:
+                timm.create_model(
+                    timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **{**kwargs, "num_classes": own_classes}
+                )
+            return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except Exception as err:  # not a weights file, pickled code refused by weights_only, another architecture
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            raise LcnnError(
+                f"pretrained_file {pretrained_file} does not load into {timm_name} ({type(err).__name__}: {first}); "
+                f"point pretrained_file at {timm_name}'s own ImageNet weights"
+            ) from None
+    import huggingface_hub.constants as hf_constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, when timm first imports it, so setting the environment variable
+    # here is ignored (the lookup then retries the network for ~50 s, or downloads): switch the constant itself.
+    saved = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
     try:
         return timm.create_model(timm_name, pretrained=True, **kwargs)
     except Exception as err:  # timm raises several types depending on where the lookup fails
@@ -100,11 +118,7 @@ def _create_pretrained(timm_name: str, pretrained_file: str | None, kwargs: dict
             f"[{type(err).__name__}]"
         ) from None
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        hf_constants.HF_HUB_OFFLINE = saved
 
 
 def reinitialize(model: nn.Module, scheme: str) -> nn.Module:

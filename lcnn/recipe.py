@@ -58,6 +58,8 @@ def transforms(hp: dict[str, Any], img_size: int, timm_name: str) -> tuple[Any, 
     """Training and evaluation transforms from timm's ``create_transform``, normalised like the model."""
     import timm
 
+    if not timm.is_model(timm_name):  # the first place a run touches its model: fail here, in one line
+        raise LcnnError(f"unknown timm model '{timm_name}'; use a name from timm.list_models()")
     pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)  # the model's own normalisation, without building it
     data_cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
     common = {"mean": data_cfg["mean"], "std": data_cfg["std"], "interpolation": "bicubic"}

@@ -79,6 +79,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"<= {stop_at}); rerun the previous rung, e.g. by deleting its metrics.json"
             )
     if saved is not None:
+        _check_state_fits(saved, cfg, accelerator.unwrap_model(model), num_classes)
         accelerator.unwrap_model(model).load_state_dict(saved["model"])
         optimizer.optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
@@ -96,6 +97,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 out,
                 {
                     **state,
+                    "run": {"timm_name": cfg["timm_name"], "num_classes": num_classes, "img_size": img_size},
                     "model": accelerator.unwrap_model(model).state_dict(),
                     "optimizer": optimizer.optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -182,6 +184,19 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if accelerator.is_main_process and not tcfg.get("keep_checkpoint") and not stopped_early:
         checkpoint.remove(out)
     return result
+
+
+def _check_state_fits(saved: dict[str, Any], cfg: dict[str, Any], model, num_classes: int) -> None:
+    """Refuse, naming both sides, a saved state of another architecture or class count (a stale leftover)."""
+    own, theirs = model.state_dict(), saved["model"]
+    bad = sorted(set(own) ^ set(theirs)) or sorted(k for k in own if own[k].shape != theirs[k].shape)
+    if bad:
+        was = saved.get("run") or {}
+        raise LcnnError(
+            f"the saved {checkpoint.STATE_FILE} in {cfg['out_dir']} is from {was.get('timm_name', 'another model')} "
+            f"with {was.get('num_classes', '?')} classes, but this run trains {cfg['timm_name']} with {num_classes} "
+            f"classes (first difference: {bad[0]}); delete that {checkpoint.STATE_FILE} to start this run over"
+        )
 
 
 def evaluate(model, loader, loss_fn, accelerator: Accelerator, channels_last: bool) -> dict[str, float]:

@@ -121,11 +121,6 @@ def test_pickled_pretrained_file_never_runs_code(tmp_path):
     assert not sentinel.exists(), "unpickling the pretrained file ran its code"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP lcnn/models.py: timm loads a pretrained_file non-strictly when the class count differs, so weights "
-    "of another architecture silently leave a random init (and an unloadable file raises a raw RuntimeError)",
-)
 def test_unusable_pretrained_file_is_one_line_naming_both_sides(tmp_path):
     """Weights of another architecture as pretrained_file: one LcnnError naming file and model, at any class count."""
     other = models.save_weights(models.create("mobilenetv3_large_100", 1000), tmp_path / "mnv3.safetensors")
@@ -243,19 +238,10 @@ def test_config_strings_reach_the_shell_quoted(tmp_path):
         pytest.param(
             "unknown_model",
             "unknown timm model 'mobilevitv2_05'",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="GAP lcnn/recipe.py: transforms() resolves the data config before any name check -> traceback",
-            ),
         ),
         pytest.param(
             "pretrained_offline",
             "not in the local Hugging Face cache",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="GAP lcnn/models.py: HF_HUB_OFFLINE set after huggingface_hub import is ignored -> the "
-                "trainer tries the network (retries ~50 s, and would download where there is internet)",
-            ),
         ),
     ],
 )
@@ -312,10 +298,6 @@ def test_snakemake_rejects_an_unknown_timm_model_before_any_job(tmp_path):
 
 # ---------------------------------------------------------------------------------- resumable state on the wrong run
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP lcnn/train.py: a train_state.pt of another run is loaded with load_state_dict -> RuntimeError wall",
-)
 def test_state_of_another_architecture_is_one_line_error(killed_run, tmp_path):
     """A leftover train_state.pt from mobilevitv2_050 in a mobilenetv3_l run folder: refused, naming both."""
     out = tmp_path / "run"
