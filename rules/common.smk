@@ -1,6 +1,7 @@
 # Validation of the config, the table of runs, and every input function the rules use.
 import json
 import os
+import re
 import sys
 
 import pandas as pd
@@ -37,8 +38,8 @@ HALVING_RESULT = "results/halving/{model}/{variant}.json"
 
 
 wildcard_constraints:
-    model="|".join(config["models"]),
-    variant="|".join(study.all_variants(config)),
+    model="|".join(map(re.escape, config["models"])),
+    variant="|".join(map(re.escape, study.all_variants(config))),
     seed=r"\d+",
     rung=r"\d+",
 
