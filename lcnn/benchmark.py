@@ -27,7 +27,9 @@ Why it is built this way (what a deployment engineer needs to trust the numbers)
 
 Output beyond the contract: rows also carry ``latency_ms_max`` and ``threads`` (torch intra-op threads, or ORT's);
 the top level adds ``weights``, ``device``, ``forms`` (params/FLOPs per form), ``settings`` (resolved, plus TF32/
-cuDNN flags) and ``host_load_avg_1m`` (other work on the host makes CPU timings meaningless; check it).
+cuDNN flags), ``host_load_avg_1m`` and ``host_other_cpu_share``: the fraction of the host's CPU time other processes
+used during the run (from /proc/stat minus this process's CPU time). With threads = cores, even a little other
+work stalls every parallel region; CPU timings from a run with a share above a few percent are not trustworthy.
 
 ``python -m lcnn.benchmark --timm-name resnet18 --num-classes 10`` benchmarks a random-init timm model.
 """
@@ -355,9 +357,7 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     probe = MemProbe(device, rss_baseline_mb)
-    load_start = _load_avg()
-    if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
-        _log(f"[bench] warning: host load average {load_start:.1f} on {os.cpu_count()} CPUs; timings will be noisy")
+    load_start, cpu_start = _load_avg(), _cpu_times()
     model = model.eval().to(device)
     forms: dict[str, dict[str, Any]] = {"trained": {"params": count_params(model)}}
     forms["trained"]["flops"] = count_flops(model, img_size, device)
@@ -393,6 +393,10 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
         rows += onnx_rows
         checks.update(onnx_checks)
 
+    other_share = _other_cpu_share(cpu_start, _cpu_times())
+    if other_share is not None and other_share > 0.05:
+        _log(f"[bench] warning: other processes used {other_share:.0%} of this host's CPU time during the benchmark; "
+             "CPU timings are unreliable, rerun on an idle host")  # fmt: skip
     return {
         "model": cfg.get("model_name") or cfg.get("timm_name") or type(model).__name__,
         "timm_name": cfg.get("timm_name"),
@@ -408,8 +412,28 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
         "rows": rows,
         "checks": checks,
         "settings": {**settings, **_backend_flags(device)},
-        "host_load_avg_1m": {"start": load_start, "end": _load_avg()},  # other work on the host skews timings
+        "host_load_avg_1m": {"start": load_start, "end": _load_avg()},
+        "host_other_cpu_share": other_share,  # other work on the host skews CPU timings; ~0 means a clean run
     }
+
+
+def _cpu_times() -> tuple[float, float, float] | None:
+    """(host busy s, host total s, this process's CPU s), from /proc/stat (Linux) and os.times()."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz, own.user + own.system
+
+
+def _other_cpu_share(start: tuple | None, end: tuple | None) -> float | None:
+    """Fraction of all the host's CPU time that other processes used between two :func:`_cpu_times`."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    other = (end[0] - start[0]) - (end[2] - start[2])
+    return min(max(other / (end[1] - start[1]), 0.0), 1.0)
 
 
 def _load_avg() -> float | None:

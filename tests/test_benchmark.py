@@ -186,6 +186,7 @@ def test_output_has_contract_keys():
     result = benchmark.benchmark_model(Tiny(), {"model_name": "t", "img_size": 16, "benchmark": settings()})
     assert CONTRACT_TOP_KEYS <= set(result) and CONTRACT_CHECKS <= set(result["checks"])
     assert result["env"]["packages"]["torch"]
+    assert result["host_other_cpu_share"] is None or 0.0 <= result["host_other_cpu_share"] <= 1.0
     for row in result["rows"]:
         assert CONTRACT_ROW_KEYS <= set(row) and set(row) == set(benchmark.ROW_KEYS)
     json.dumps(result)  # serializable as is
