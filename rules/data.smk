@@ -3,10 +3,25 @@
 
 rule prepare_data:
     output:
-        train=f"{DATA}/train.csv",
-        val=f"{DATA}/val.csv",
+        train=report(
+            f"{DATA}/train.csv",
+            caption="../report/manifest.rst",
+            category="Data",
+            labels={"manifest": "train"},
+        ),
+        val=report(
+            f"{DATA}/val.csv",
+            caption="../report/manifest.rst",
+            category="Data",
+            labels={"manifest": "validation"},
+        ),
         classes=f"{DATA}/classes.txt",
-        report=f"{DATA}/prepare_report.json",
+        report=report(
+            f"{DATA}/prepare_report.json",
+            caption="../report/prepare_report.rst",
+            category="Data",
+            labels={"manifest": "counts and skipped files"},
+        ),
     log:
         "logs/data/prepare_data.log",
     conda:
