@@ -6,9 +6,10 @@ and the last rung's survivors reach the full budget. The baseline (and the bench
 full budget as references, so gains are still measured against the same baseline as in the grid. ``summarize``
 adds up what was spent and names the winner; :func:`halving_table` sets that against the full grid.
 
-Selection is deterministic: higher mean top-1 first, then higher mean top-5, then the variant name. A variant
-with a diverged seed never survives (a diverged run cannot go on). Winner and grid winner are picked the same
-way among all candidates, the baseline included: the question is which recipe each search would ship.
+Selection is deterministic: higher mean top-1 first, then lower mean validation loss (early rungs often leave
+several variants at chance accuracy, where the loss still tells them apart), then higher top-5, then the variant
+name. A variant with a diverged seed never survives (a diverged run cannot go on). Winner and grid winner are
+picked the same way among all candidates, the baseline included: the question is which recipe each search ships.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lcnn.report import mean_ci
 from lcnn.utils import LcnnError, atomic_write_json, cli, read_json
 
 RUN_KEYS = ("top1", "top5", "status", "epochs_completed", "train_seconds", "device_hours", "device_type")
-RUN_KEYS += ("val_images",)
+RUN_KEYS += ("val_images", "val_loss")
 Z95 = 1.959963984540054
 
 
@@ -35,15 +36,21 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One variant's standing at a rung: means over its seeds; any diverged (or missing) seed disqualifies it."""
     ok = [r for r in runs if r.get("status") == "ok" and r.get("top1") is not None]
     mean = {k: statistics.fmean(r[k] for r in ok) if ok else None for k in ("top1", "top5")}
-    return {"top1_mean": mean["top1"], "top5_mean": mean["top5"], "n_seeds": len(runs), "n_ok": len(ok)} | {
-        "diverged": not runs or len(ok) < len(runs)
+    losses = [r.get("val_loss") for r in ok]
+    loss = statistics.fmean(losses) if ok and all(x is not None and math.isfinite(x) for x in losses) else None
+    return {"top1_mean": mean["top1"], "top5_mean": mean["top5"], "val_loss_mean": loss} | {
+        "n_seeds": len(runs),
+        "n_ok": len(ok),
+        "diverged": not runs or len(ok) < len(runs),
     }
 
 
 def rank_key(variant: str, sc: dict[str, Any]) -> tuple:
-    """Sort key: usable before diverged, then higher top-1, higher top-5, and the name (so ties never flip)."""
+    """Sort key: usable before diverged, then higher top-1, lower validation loss, higher top-5, and the name (so
+    ties never flip). A missing loss (grid results carry none) sorts after a known one."""
     neg = [-sc[k] if sc.get(k) is not None else math.inf for k in ("top1_mean", "top5_mean")]
-    return (bool(sc["diverged"]), neg[0], neg[1], variant)
+    loss = sc.get("val_loss_mean")
+    return (bool(sc["diverged"]), neg[0], loss if loss is not None else math.inf, neg[1], variant)
 
 
 def select(
@@ -298,9 +305,21 @@ def halving_table(summaries: list[dict[str, Any]], grid_results: list[dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def read_run(metrics_path: str | Path) -> dict[str, Any]:
+    """A run's metrics.json plus the validation loss of its last epoch, from the history.csv beside it (both are
+    outputs of the same training job)."""
+    m = read_json(metrics_path)
+    history = Path(metrics_path).parent / "history.csv"
+    if history.is_file() and m.get("status") == "ok":
+        rows = pd.read_csv(history)
+        last = rows[rows["epoch"] == m.get("epochs_completed")]
+        m["val_loss"] = float(last["val_loss"].iloc[-1]) if len(last) else None
+    return m
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg['command']`` is ``select`` (one rung's selection) or ``summarize`` (one model's whole search)."""
-    metrics = [read_json(p) for p in cfg["metrics"]]
+    metrics = [read_run(p) for p in cfg["metrics"]]
     if cfg["command"] == "select":
         previous = read_json(cfg["previous"]) if cfg.get("previous") else None
         out = select_rung(cfg, metrics, previous)

@@ -48,11 +48,18 @@ def test_keeps_the_best_ceil_n_over_eta(n, eta, keep):
     assert sorted(out["survivors"] + out["eliminated"]) == sorted(names)
 
 
-def test_ties_are_broken_by_top5_then_name_whatever_the_input_order():
-    runs = {"b": (60.0, 90.0), "a": (60.0, 90.0), "c": (60.0, 95.0), "d": (59.0, 99.0)}
-    sc = {v: search.score([metrics(v, 0, t1, t5)]) for v, (t1, t5) in runs.items()}
-    for order in (["a", "b", "c", "d"], ["d", "c", "b", "a"], ["b", "d", "a", "c"]):
-        assert search.select(sc, order, [], [], 2)["ranking"] == ["c", "a", "b", "d"]
+def test_ties_are_broken_by_val_loss_top5_then_name_whatever_the_input_order():
+    runs = {"b": (60.0, 90.0, 1.0), "a": (60.0, 90.0, 1.0), "c": (60.0, 95.0, 1.0), "d": (59.0, 99.0, 0.1)}
+    runs |= {"e": (60.0, 10.0, 0.5), "f": (60.0, 99.0, None)}  # at equal top-1 a lower loss wins; none comes last
+    sc = {v: search.score([metrics(v, 0, t1, t5) | {"val_loss": loss}]) for v, (t1, t5, loss) in runs.items()}
+    for order in (list("abcdef"), list("fedcba"), list("bdface")):
+        assert search.select(sc, order, [], [], 2)["ranking"] == ["e", "c", "a", "b", "f", "d"]
+
+
+def test_val_loss_is_read_from_the_history_beside_the_metrics(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics("a", 0, 10.0, epochs=2)))
+    (tmp_path / "history.csv").write_text("epoch,val_loss,top1\n1,2.5,10\n2,2.25,10\n")
+    assert search.read_run(tmp_path / "metrics.json")["val_loss"] == 2.25
 
 
 def test_mean_over_seeds_ranks_and_a_diverged_seed_disqualifies():
