@@ -160,6 +160,10 @@ def _check_rung(wildcards, last):
     rung = int(wildcards.rung)
     if not 1 <= rung <= last:
         raise WorkflowError(f"rung {rung} does not exist: search has rungs 1..{last}")
+    if rung == 1 and wildcards.variant not in VARIANTS:
+        raise WorkflowError(
+            f"{wildcards.variant} is not a candidate: select.variants leaves it out"
+        )
     if wildcards.variant not in rung_entrants(wildcards.model, rung):
         selection = f"search/{wildcards.model}/rung{rung - 1}.json"
         why = "was eliminated"
