@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
 import time
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lcnn.utils import LcnnError, atomic_write_json, cli, environment, read_json
+from lcnn.utils import LcnnError, atomic_write_json, cli, environment, json_arg, read_json
 
 ROW_KEYS = (
     "form", "engine", "device", "precision", "channels_last", "batch_size", "status", "error",
@@ -546,18 +545,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _config_section(text: str) -> dict[str, Any]:
     """The benchmark section from --config-json: inline JSON or a file, holding the section or a whole config."""
-    if text.lstrip().startswith("{"):
-        try:
-            section = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LcnnError(f"--config-json is not valid JSON ({err})") from None
-    else:
-        section = read_json(text)
-    if isinstance(section, dict) and isinstance(section.get("benchmark"), dict):
-        section = section["benchmark"]
-    if not isinstance(section, dict):
-        raise LcnnError("--config-json must hold the config's benchmark section as a JSON object")
-    return dict(section)
+    return dict(json_arg(text, "--config-json", section="benchmark"))
 
 
 @cli

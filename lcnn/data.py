@@ -38,7 +38,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from lcnn.utils import LcnnError, atomic_save, atomic_write_json, atomic_write_text, cli
+from lcnn.utils import LcnnError, atomic_save, atomic_write_json, atomic_write_text, cli, json_arg
 
 __all__ = [
     "ManifestDataset",
@@ -610,13 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(p.parse_args(argv))
     cfg: dict[str, Any] = {}
     if args["config_json"]:
-        text = args["config_json"]
-        try:  # inline JSON (what the Snakemake rule passes) or a file holding it
-            cfg = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise LcnnError(f"--config-json {text[:80]} cannot be read ({err}); pass JSON or a JSON file") from None
-        if "data" in cfg and "source" not in cfg:
-            cfg = cfg["data"]
+        cfg = json_arg(str(args["config_json"]), "--config-json", section="data")
     cfg["imagenet"] = dict(cfg.get("imagenet") or {})
     for flag in ("train_dir", "val_dir", "val_labels"):
         if args[flag] is not None:

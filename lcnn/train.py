@@ -24,7 +24,7 @@ from timm.utils import accuracy
 
 from lcnn import checkpoint, models
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
-from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, peak_rss_mb
+from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, json_arg, peak_rss_mb
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
 
@@ -298,10 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-json", required=True, help="resolved run config (lcnn.config.run_config) as JSON")
     parser.add_argument("--out-dir", required=True, help="run folder: runs/{model}/{variant}/seed{seed}")
     args = parser.parse_args(argv)
-    try:
-        cfg = json.loads(args.run_json)
-    except json.JSONDecodeError as err:
-        raise LcnnError(f"--run-json is not valid JSON ({err}); let the train rule write it") from None
+    cfg = json_arg(args.run_json, "--run-json")
     cfg["out_dir"] = args.out_dir
     metrics = run(cfg)
     print(json.dumps({k: metrics[k] for k in ("model", "variant", "seed", "status", "top1", "top5")}))

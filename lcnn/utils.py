@@ -138,6 +138,25 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LcnnError(f"{path} is not valid JSON ({err}); delete it and rebuild it") from None
 
 
+def json_arg(text: str, flag: str = "--config-json", section: str | None = None) -> dict[str, Any]:
+    """A JSON object passed inline (how the Snakemake rules pass it: one quoted argument) or as a file path.
+
+    With ``section``, a whole config is accepted too and its ``section`` is returned.
+    """
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LcnnError(f"{flag} is not valid JSON ({err}); pass a JSON object or a JSON file") from None
+    else:
+        obj = read_json(text)
+    if not isinstance(obj, dict):
+        raise LcnnError(f"{flag} must hold a JSON object, not {type(obj).__name__}")
+    if section and isinstance(obj.get(section), dict):
+        obj = obj[section]
+    return obj
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
