@@ -236,6 +236,8 @@ def compare(summary: dict[str, Any], grid: dict[str, dict[str, Any]]) -> dict[st
         "rungs": "/".join(str(e) for e in rungs),
         "eliminated": elim,
         "halving_winner": win or "n/a",
+        # a reference won: the selection itself had dropped it, only the always-kept baseline reached the budget
+        "winner_role": summary["final"][win]["role"] if win else "n/a",
         "halving_top1": summary["winner_top1"],
         "halving_epochs": comp["epochs"],
         "halving_device_hours": comp["device_hours"],
@@ -271,7 +273,8 @@ def compare(summary: dict[str, Any], grid: dict[str, dict[str, Any]]) -> dict[st
     return row
 
 
-HALVING_COLUMNS = ["model", "candidates", "rungs", "eliminated", "halving_winner", "halving_top1", "grid_winner"]
+HALVING_COLUMNS = ["model", "candidates", "rungs", "eliminated", "halving_winner", "winner_role", "halving_top1"]
+HALVING_COLUMNS += ["grid_winner"]
 HALVING_COLUMNS += ["grid_top1", "grid_ci_lo", "grid_ci_hi", "ci_basis", "winner_in_grid_top1", "verdict"]
 HALVING_COLUMNS += ["halving_epochs", "grid_epochs", "epoch_fraction", "halving_device_hours", "grid_device_hours"]
 HALVING_COLUMNS += ["hours_fraction", "grid_basis"]
@@ -286,9 +289,11 @@ def halving_table(summaries: list[dict[str, Any]], grid_results: list[dict[str, 
     if rows:
         df = pd.DataFrame(rows)
         judged = df[df["verdict"].isin(["same", "within CI", "no"])]
-        hits = int(judged["verdict"].isin(["same", "within CI"]).sum())
+        hit = judged["verdict"].isin(["same", "within CI"])
+        via_ref = int((hit & (judged["winner_role"] == "reference")).sum())
+        verdict = f"{int(hit.sum())}/{len(judged)} same or within CI ({via_ref} won by a kept reference)"
         total = {"model": "ALL", "candidates": int(df["candidates"].sum())}
-        total |= {"verdict": f"{hits}/{len(judged)} same or within CI" if len(judged) else "n/a"}
+        total |= {"verdict": verdict if len(judged) else "n/a"}
         for col in ("halving_epochs", "grid_epochs", "halving_device_hours", "grid_device_hours"):
             total[col] = df[col].sum()
         total["epoch_fraction"] = total["halving_epochs"] / total["grid_epochs"] if total["grid_epochs"] else math.nan

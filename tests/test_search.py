@@ -179,6 +179,7 @@ def test_verdict_same_within_ci_or_not():
     grid = {v: grid_result(v, [t]) for v, t in [("baseline", 60), ("a", 55), ("b", 70), ("c", 80)]}
     row = search.compare(s, grid)
     assert row["verdict"] == "same" and row["grid_winner"] == "c" and row["grid_epochs"] == 12
+    assert row["winner_role"] == "survivor"
     assert row["grid_basis"] == "measured" and row["hours_fraction"] == pytest.approx(s["compute"]["device_hours"] / 4)
     # one seed: the CI is the validation set's binomial interval (500 images: about +-3.5 points at 80%)
     grid["a"] = grid_result("a", [82.0])
@@ -211,7 +212,7 @@ def test_search_vs_grid_tool_reads_two_workdirs(tmp_path, capsys):
         (grid / "results" / "m" / f"{v}.json").write_text(json.dumps(grid_result(v, [t])))
     search_vs_grid.main(["--grid", str(grid), "--halving", str(halving), "--out-dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert "| m " in out and "within CI" in out and "1/1 same or within CI" in out
+    assert "| m " in out and "within CI" in out and "1/1 same or within CI (0 won by a kept reference)" in out
     table = pd.read_csv(tmp_path / "out" / "halving_vs_grid.csv")
     assert table.loc[0, "grid_winner"] == "b" and table.loc[0, "halving_winner"] == "c"
 
