@@ -331,3 +331,14 @@ def test_report_sets_halving_against_a_grid_next_to_it(tmp_path):
     gains = pd.read_csv(tmp_path / "report" / "gains.csv")
     assert set(gains["variant"]) == {"b", "c"} and set(gains["n_compared"]) == {3}  # a, b, c were searched
     assert "halving" in (tmp_path / "report" / "report.md").read_text()
+    # a model whose search carried only the baseline to the budget still gets a claims row saying so
+    only_base = s | {"model": "n", "winner": "baseline"}
+    (tmp_path / "n.json").write_text(json.dumps(only_base))
+    res = {"model": "n", "variant": "baseline", "axis": "baseline", "timm_name": "t"}
+    (tmp_path / "n_baseline.json").write_text(json.dumps(res | {"runs": [metrics("baseline", 0, 50.0, model="n")]}))
+    cfg["results"].append(str(tmp_path / "n_baseline.json"))
+    cfg["search"].append(str(tmp_path / "n.json"))
+    report.run(cfg)
+    claims = pd.read_csv(tmp_path / "report" / "claims.csv", keep_default_na=False)
+    row = claims[(claims["model"] == "n") & (claims["claim_id"] == "a")].iloc[0]
+    assert row["holds"] == "n/a" and "halving kept no variant to the full budget" in row["measured"]
