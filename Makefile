@@ -42,4 +42,4 @@ format: install
 	$(BIN)/ruff format lcnn tests
 
 clean:  ## remove everything the workflow produced (keeps .venv)
-	rm -rf data/builtin runs results benchmarks logs report.html .snakemake
+	rm -rf data/builtin data/builtin_search runs runs_halving search results benchmarks logs report.html .snakemake

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, read_json
+from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, json_arg, read_json
 
 TABLES = ("claims", "accuracy", "gains", "best_variants", "best_per_axis", "runs", "compute", "latency", "models")
 TABLES += ("halving",)  # halving vs grid (lcnn.search); no rows unless a halving search is given
@@ -665,15 +665,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_json(arg: str) -> dict:
-    """Read ``--config-json``: inline JSON (how the Snakemake rule passes it, no temp file) or a file path."""
-    if arg.lstrip().startswith("{"):
-        try:
-            conf = json.loads(arg)
-        except json.JSONDecodeError as err:
-            raise LcnnError(f"--config-json is not valid JSON ({err})") from None
-    else:
-        conf = read_json(arg)
-    if not isinstance(conf, dict) or not isinstance(conf.get("report"), dict):
+    """``--config-json``: inline JSON (how the Snakemake rule passes it) or a file, holding a ``report`` object."""
+    conf = json_arg(arg)
+    if not isinstance(conf.get("report"), dict):
         raise LcnnError("--config-json must be a JSON object with a 'report' object (the config's report section)")
     return conf
 

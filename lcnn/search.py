@@ -15,7 +15,6 @@ picked the same way among all candidates, the baseline included: the question is
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from lcnn.report import mean_ci
-from lcnn.utils import LcnnError, atomic_write_json, cli, read_json
+from lcnn.utils import LcnnError, atomic_write_json, cli, json_arg, read_json
 
 RUN_KEYS = ("top1", "top5", "status", "epochs_completed", "train_seconds", "device_hours", "device_type")
 RUN_KEYS += ("val_images", "val_loss")
@@ -335,12 +334,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_json(arg: str) -> dict[str, Any]:
-    try:
-        conf = json.loads(arg)
-    except json.JSONDecodeError as err:
-        raise LcnnError(f"--config-json is not valid JSON ({err}); let the workflow write it") from None
+    conf = json_arg(arg)
     need = {"model", "eta", "budget", "seeds", "candidates", "pinned"}
-    if not isinstance(conf, dict) or need - set(conf):
+    if need - set(conf):
         raise LcnnError(f"--config-json needs {', '.join(sorted(need))}; let rules/search.smk write it")
     return conf
 

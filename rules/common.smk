@@ -35,6 +35,15 @@ HALVING = study.search_mode(config) == "halving"
 SCHEDULE = study.rung_schedule(config)
 RUNG_DIR = "runs_halving/{model}/{variant}/seed{seed}/rung{rung}"
 HALVING_RESULT = "results/halving/{model}/{variant}.json"
+# what a training job asks for (rules train and train_rung); profiles/slurm maps them onto partitions and GPUs
+TRAIN_THREADS = max(1, config["train"]["num_workers"])
+TRAIN_RESOURCES = dict(
+    gpu=config["train"]["gpus_per_job"],
+    cpus_per_gpu=config["train"]["num_workers"] + 1,
+    mem_mb=32000,
+    # a time limit that grows with each retry; a preempted job resumes from its saved state
+    runtime=lambda wildcards, attempt: 720 * attempt,
+)
 
 
 wildcard_constraints:

@@ -28,13 +28,10 @@ rule train_rung:
         "logs/train_rung/{model}/{variant}/seed{seed}/rung{rung}.log",
     conda:
         "../envs/lcnn.yaml"
-    # the same resources as rule train: a rung job is a training job
-    threads: max(1, config["train"]["num_workers"])
+    # the same as rule train: a rung job is a training job
+    threads: TRAIN_THREADS
     resources:
-        gpu=config["train"]["gpus_per_job"],
-        cpus_per_gpu=config["train"]["num_workers"] + 1,
-        mem_mb=32000,
-        runtime=lambda wildcards, attempt: 720 * attempt,
+        **TRAIN_RESOURCES,
     params:
         run=get_rung_run_json,
         launcher=get_train_launcher,

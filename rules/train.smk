@@ -19,13 +19,9 @@ rule train:
         "logs/train/{model}/{variant}/seed{seed}.log",
     conda:
         "../envs/lcnn.yaml"
-    threads: max(1, config["train"]["num_workers"])
+    threads: TRAIN_THREADS
     resources:
-        gpu=config["train"]["gpus_per_job"],
-        cpus_per_gpu=config["train"]["num_workers"] + 1,
-        mem_mb=32000,
-        # a time limit that grows with each retry; a preempted job resumes from its saved state
-        runtime=lambda wildcards, attempt: 720 * attempt,
+        **TRAIN_RESOURCES,
     params:
         run=get_run_json,
         launcher=get_train_launcher,
