@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.lcnn-installed
 
-.PHONY: venv install demo test test-fast lint format report clean
+.PHONY: venv install demo test test-fast lint format clean
 
 venv: $(BIN)/python  ## create .venv alone
 

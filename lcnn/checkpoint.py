@@ -74,5 +74,12 @@ def load(run_dir: str | Path) -> dict[str, Any] | None:
         raise LcnnError(f"cannot resume from {path} ({type(err).__name__}: {err}); delete it to start over") from None
 
 
+def move(run_dir: str | Path, dest_dir: str | Path) -> Path:
+    """Move a run's state into ``dest_dir`` (a rename, so it is never half there)."""
+    dest = Path(dest_dir) / STATE_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return (Path(run_dir) / STATE_FILE).replace(dest)
+
+
 def remove(run_dir: str | Path) -> None:
     (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)

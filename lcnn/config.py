@@ -64,6 +64,8 @@ def _describe(err: jsonschema.ValidationError) -> str:
         return f"config key '{where}' is {err.instance!r}; expected {err.validator_value}"
     if err.validator == "required":
         return f"config section '{where}' is missing a required key: {err.message.split(chr(39))[1]}"
+    if err.validator == "uniqueItems":
+        return f"config key '{where}' lists the same value twice ({err.instance!r}); remove the repeat"
     if err.validator == "pattern":
         return f"config key '{where}' = {err.instance!r} must match {err.validator_value} (path-safe names only)"
     return f"config key '{where}': {err.message}"
@@ -99,7 +101,27 @@ def _fill_defaults(node: Any, sch: dict[str, Any]) -> None:
             _fill_defaults(node[key], sub)
 
 
+def _check_grid(cfg: dict[str, Any]) -> None:
+    """Each grid key must be a hyperparameter and each of its values valid for it, as in a variant."""
+    hp_schema = schema()["$defs"]["hparams"]
+    names = sorted(set(hp_schema["properties"]) - {"axis"})
+    check = jsonschema.Draft202012Validator({"$defs": schema()["$defs"], "$ref": "#/$defs/hparams"})
+    for key, values in (cfg.get("grid") or {}).items():
+        if key not in names:
+            near = [n for n in names if _similar(n, key)]
+            hint = f"did you mean {near[0]}?" if near else f"use one of {', '.join(names)}"
+            raise LcnnError(f"config key 'grid.{key}' is not a hyperparameter; {hint}")
+        for value in values:
+            errors = list(check.iter_errors({key: value}))
+            if errors:
+                raise LcnnError(_describe(errors[0]).replace(f"config key '{key}", f"config key 'grid.{key}", 1))
+
+
 def _check_references(cfg: dict[str, Any]) -> None:
+    _check_grid(cfg)
+    clash = sorted(set(cfg["variants"]) & set(grid_variants(cfg)))
+    if clash:
+        raise LcnnError(f"variant '{clash[0]}' has the name of a generated grid variant; rename it in variants")
     for key in ("models", "variants"):
         chosen = (cfg.get("select") or {}).get(key) or []
         known = set(cfg[key]) | ({BASELINE} if key == "variants" else set()) | set(grid_variants(cfg))
@@ -111,6 +133,9 @@ def _check_references(cfg: dict[str, Any]) -> None:
     bench = cfg["benchmark"]["variant"]
     if bench not in variant_names(cfg):
         raise LcnnError(f"benchmark.variant '{bench}' is not a selected variant; use baseline or one of variants")
+    lo, hi = cfg["report"]["gain_range"]
+    if lo > hi:
+        raise LcnnError(f"report.gain_range [{lo}, {hi}] runs backwards; write it as [{hi}, {lo}]")
     for name in cfg["report"]["fast_models"]:
         if name not in cfg["models"]:
             raise LcnnError(f"report.fast_models names '{name}', which is not in models")
@@ -136,6 +161,11 @@ def grid_variants(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for values in itertools.product(*(grid[k] for k in keys)):
         name = "grid_" + "_".join(f"{k}-{_slug(v)}" for k, v in zip(keys, values))
+        if name in out:
+            raise LcnnError(
+                f"two grid points are both named {name} ({out[name]} and {dict(zip(keys, values))}); "
+                "make the grid's values differ in their letters and digits"
+            )
         out[name] = {"axis": "grid", **dict(zip(keys, values))}
     return out
 
@@ -191,6 +221,7 @@ def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict
         "model": model,
         "timm_name": spec["timm"],
         "native_img_size": spec.get("img_size", 224),
+        "pretrained_tag": spec.get("pretrained_tag"),
         "variant": variant,
         "seed": int(seed),
         "hparams": hp,

@@ -29,11 +29,13 @@ def create(
     init: str = "default",
     pretrained_file: str | None = None,
     drop_path: float = 0.0,
+    pretrained_tag: str | None = None,
 ) -> nn.Module:
     """Create a timm model for ``num_classes`` classes with the study's initialization ``init``.
 
     ``img_size`` only reaches architectures whose pretrained config says their input size is fixed;
-    the study's seven models are all size-agnostic.
+    the study's seven models are all size-agnostic. ``pretrained_tag`` picks which of timm's pretrained
+    weights ``init: pretrained`` loads from the local cache (e.g. ``fb_in1k``; None = timm's default tag).
     """
     if not timm.is_model(timm_name):
         close = timm.list_models(f"*{timm_name.split('_')[0]}*")[:5]
@@ -43,12 +45,13 @@ def create(
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
+    own_cfg = timm.models.get_pretrained_cfg(timm_name)
+    if img_size and own_cfg and own_cfg.fixed_input_size and own_cfg.input_size[-1] != img_size:
+        kwargs["img_size"] = img_size
     if init == "pretrained":
-        model = _create_pretrained(timm_name, pretrained_file, kwargs)
+        model = _create_pretrained(timm_name, pretrained_tag, pretrained_file, kwargs)
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    if img_size and model.pretrained_cfg.get("fixed_input_size") and model.pretrained_cfg["input_size"][-1] != img_size:
-        model = timm.create_model(timm_name, pretrained=init == "pretrained", img_size=img_size, **kwargs)
     windows = _scaled_windows(model, img_size)
     if windows and init != "pretrained":
         model = timm.create_model(timm_name, pretrained=False, window_sizes=windows, **kwargs)
@@ -77,24 +80,30 @@ def _init_arg(model: nn.Module, name: str):
     return param.default if param is not None and param.default is not inspect.Parameter.empty else None
 
 
-def _create_pretrained(timm_name: str, pretrained_file: str | None, kwargs: dict[str, Any]) -> nn.Module:
+def _create_pretrained(
+    timm_name: str, tag: str | None, pretrained_file: str | None, kwargs: dict[str, Any]
+) -> nn.Module:
     """Load ImageNet weights from a local file or the local Hugging Face cache, never from the network."""
+    name = f"{timm_name}.{tag}" if tag else timm_name
+    if tag and f"{timm_name}.{tag}" not in timm.list_pretrained(f"{timm_name}.*"):
+        known = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{timm_name}.*")]
+        raise LcnnError(f"timm has no pretrained tag '{tag}' for {timm_name}; use one of {', '.join(known)}")
     if pretrained_file:
         if not Path(pretrained_file).is_file():
             raise LcnnError(
                 f"pretrained_file {pretrained_file} does not exist; point baseline/variant pretrained_file at a "
                 "local .safetensors/.pth file"
             )
-        overlay = {"file": str(pretrained_file)}
         try:
             # timm loads non-strictly whenever num_classes differs from the weights' class count, which would
             # silently keep a random init for weights of another architecture: load strictly at theirs first
-            own_classes = getattr(timm.models.get_pretrained_cfg(timm_name), "num_classes", None) or 1000
-            if kwargs["num_classes"] != own_classes:
+            file_classes = _file_classes(name, pretrained_file)
+            overlay = {"file": str(pretrained_file), "num_classes": file_classes}
+            if kwargs["num_classes"] != file_classes:
                 timm.create_model(
-                    timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **{**kwargs, "num_classes": own_classes}
+                    name, pretrained=True, pretrained_cfg_overlay=overlay, **{**kwargs, "num_classes": file_classes}
                 )
-            return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         except Exception as err:  # not a weights file, pickled code refused by weights_only, another architecture
             first = (str(err).strip().splitlines() or [""])[0][:160]
             raise LcnnError(
@@ -108,17 +117,25 @@ def _create_pretrained(timm_name: str, pretrained_file: str | None, kwargs: dict
     saved = hf_constants.HF_HUB_OFFLINE
     hf_constants.HF_HUB_OFFLINE = True
     try:
-        return timm.create_model(timm_name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # timm raises several types depending on where the lookup fails
         hub_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise LcnnError(
-            f"pretrained weights for {timm_name} are not in the local Hugging Face cache ({hub_home}); "
+            f"pretrained weights for {name} are not in the local Hugging Face cache ({hub_home}); "
             'fetch them once on a machine with internet (python -c "import timm; '
-            f"timm.create_model('{timm_name}', pretrained=True)\") or set pretrained_file "
+            f"timm.create_model('{name}', pretrained=True)\") or set pretrained_file "
             f"[{type(err).__name__}]"
         ) from None
     finally:
         hf_constants.HF_HUB_OFFLINE = saved
+
+
+def _file_classes(name: str, path: str) -> int:
+    """The class count of a weights file, read from its classifier (timm's default when it has none)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    head = cfg.classifier if cfg and isinstance(cfg.classifier, str) else None
+    weight = timm.models.load_state_dict(path, weights_only=True).get(f"{head}.weight") if head else None
+    return int(weight.shape[0]) if weight is not None else getattr(cfg, "num_classes", None) or 1000
 
 
 def reinitialize(model: nn.Module, scheme: str) -> nn.Module:

@@ -94,7 +94,8 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int):
             f"batch_size {hp['batch_size']} x {num_processes} devices exceeds the {len(train_set)} training images "
             f"in {root}; lower baseline.batch_size (or the variant's) below {len(train_set)}"
         )
-    train_tf, eval_tf = transforms(hp, img_size, cfg["timm_name"])
+    tag = cfg.get("pretrained_tag") if hp["init"] == "pretrained" else None  # pretrained weights: their normalisation
+    train_tf, eval_tf = transforms(hp, img_size, f"{cfg['timm_name']}.{tag}" if tag else cfg["timm_name"])
     workers = tcfg.get("num_workers", 0)
     loader_kw = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
     train_loader = DataLoader(

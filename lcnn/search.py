@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from lcnn import checkpoint
 from lcnn.report import mean_ci
 from lcnn.utils import LcnnError, atomic_write_json, cli, json_arg, read_json
 
@@ -327,6 +328,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["command"] == "select":
         previous = read_json(cfg["previous"]) if cfg.get("previous") else None
         out = select_rung(cfg, metrics, previous)
+        if not cfg.get("keep_checkpoint"):  # a run that goes no further never resumes: free its saved state
+            for path, m in zip(cfg["metrics"], metrics):
+                if m["variant"] not in out["next"]:
+                    checkpoint.remove(Path(path).parent / "state")
     else:
         out = summarize(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
     atomic_write_json(cfg["out"], out)

@@ -53,7 +53,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     img_size = hp.get("img_size") or cfg["native_img_size"]
     train_loader, val_loader, mixup, num_classes = build_loaders(cfg, img_size, accelerator.num_processes)
     model = models.create(
-        cfg["timm_name"], num_classes, img_size, hp["init"], hp.get("pretrained_file"), hp.get("drop_path", 0.0)
+        cfg["timm_name"],
+        num_classes,
+        img_size,
+        hp["init"],
+        hp.get("pretrained_file"),
+        hp.get("drop_path", 0.0),
+        cfg.get("pretrained_tag"),
     )
     if tcfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -65,7 +71,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, hp, steps)
     train_loss_fn, val_loss_fn = build_loss(hp)
 
-    state = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    # epoch_acc: the interrupted epoch's running totals, so its history row covers the whole epoch after a resume
+    fresh_acc = {"seen": 0, "loss_sum": 0.0, "n_loss": 0, "seconds": 0.0}
+    state = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0, "epoch_acc": dict(fresh_acc)}
     epochs = hp["epochs"]  # the schedule always spans the full budget, also when this job stops earlier
     stop_at = int(cfg.get("stop_epoch") or epochs)  # a halving rung stops here; its state lets the next one go on
     if not 1 <= stop_at <= epochs:
@@ -87,7 +95,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         if accelerator.scaler is not None and saved.get("scaler"):
             accelerator.scaler.load_state_dict(saved["scaler"])
         checkpoint.set_rng_state(saved["rng"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, state[k]) for k in state}
         accelerator.print(f"[{tag}] resuming at epoch {state['epoch'] + 1} step {state['step']}")
 
     def save_state() -> None:
@@ -97,7 +105,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 out,
                 {
                     **state,
-                    "run": {"timm_name": cfg["timm_name"], "num_classes": num_classes, "img_size": img_size},
+                    "run": {
+                        "timm_name": cfg["timm_name"],
+                        "num_classes": num_classes,
+                        "img_size": img_size,
+                        "seed": cfg["seed"],
+                        "hparams": json.dumps(hp, sort_keys=True),
+                    },
                     "model": accelerator.unwrap_model(model).state_dict(),
                     "optimizer": optimizer.optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -119,7 +133,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         model.train()
         train_loader.set_epoch(epoch)  # reshuffles with seed + epoch, and reseeds per-sample augmentation
         loader = accelerator.skip_first_batches(train_loader, state["step"]) if state["step"] else train_loader
-        t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+        acc = state["epoch_acc"] if state["step"] else dict(fresh_acc)
+        t0, seen, loss_sum, n_loss = time.perf_counter(), acc["seen"], acc["loss_sum"], acc["n_loss"]
         for images, targets in loader:
             if state["step"] >= steps:
                 break
@@ -129,7 +144,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
                 loss = train_loss_fn(model(images), targets)
-                if not torch.isfinite(loss).all():
+                if _any_process(accelerator, not torch.isfinite(loss).all()):  # every process stops together
                     diverged = {"epoch": epoch + 1, "step": state["step"] + 1}
                     break
                 accelerator.backward(loss)
@@ -144,12 +159,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
             if state["step"] % tcfg.get("log_every", 50) == 0:
                 accelerator.print(f"[{tag}] epoch {epoch + 1} step {state['step']}/{steps} loss {loss.item():.4f}")
-            if stop.signum is not None:
-                state["train_seconds"] += time.perf_counter() - t0
+            if _any_process(accelerator, stop.signum is not None):
+                elapsed = time.perf_counter() - t0
+                state["train_seconds"] += elapsed
+                state["epoch_acc"] = {"seen": seen, "loss_sum": loss_sum, "n_loss": n_loss}
+                state["epoch_acc"]["seconds"] = acc["seconds"] + elapsed
                 save_state()
+                why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another process"
                 accelerator.print(
-                    f"[{tag}] got signal {signal.Signals(stop.signum).name}: saved state at epoch {epoch + 1} "
-                    f"step {state['step']}; exiting {EXIT_PREEMPTED} so a retry resumes"
+                    f"[{tag}] got {why}: saved state at epoch {epoch + 1} step {state['step']}; "
+                    f"exiting {EXIT_PREEMPTED} so a retry resumes"
                 )
                 sys.exit(EXIT_PREEMPTED)
         if diverged is not None:
@@ -157,8 +176,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"[{tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged"
             )
             break
-        seconds = time.perf_counter() - t0
-        state["train_seconds"] += seconds
+        elapsed = time.perf_counter() - t0
+        state["train_seconds"] += elapsed
+        seconds = acc["seconds"] + elapsed  # the whole epoch, also across a resume
         metrics = evaluate(model, val_loader, val_loss_fn, accelerator, tcfg.get("channels_last", False))
         row = {
             "epoch": epoch + 1,
@@ -169,7 +189,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "seconds": seconds,
         }
         state["history"].append(row)
-        state["epoch"], state["step"] = epoch + 1, 0
+        state["epoch"], state["step"], state["epoch_acc"] = epoch + 1, 0, dict(fresh_acc)
         if scheduler is not None:
             scheduler.step(epoch + 1)
         accelerator.print(
@@ -181,17 +201,44 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     result = _finish(cfg, out, accelerator, model, state, diverged, img_size, num_classes)
     stopped_early = diverged is None and state["epoch"] < epochs  # the next rung goes on from the saved state
-    if accelerator.is_main_process and not tcfg.get("keep_checkpoint") and not stopped_early:
-        checkpoint.remove(out)
+    if accelerator.is_main_process and stopped_early and cfg.get("handoff_dir"):
+        checkpoint.move(out, cfg["handoff_dir"])  # where the next rung goes on from; a rerun of this rung starts over
+    if accelerator.is_main_process and not tcfg.get("keep_checkpoint"):
+        if not stopped_early:
+            checkpoint.remove(out)
+        if cfg.get("init_state"):  # the previous rung's state, now carried on into this rung's outputs
+            checkpoint.remove(cfg["init_state"])
     return result
 
 
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True if ``flag`` is set on any process: with several GPUs, one rank alone must never leave the loop."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item() > 0
+
+
 def _check_state_fits(saved: dict[str, Any], cfg: dict[str, Any], model, num_classes: int) -> None:
-    """Refuse, naming both sides, a saved state of another architecture or class count (a stale leftover)."""
+    """Refuse, naming both sides, a saved state of another recipe, seed, architecture or class count."""
+    was = saved.get("run") or {}
+    if "hparams" in was:
+        old, new = json.loads(was["hparams"]), cfg["hparams"]
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if was["seed"] != cfg["seed"]:
+            changed.insert(0, "seed")
+        if changed:
+            shown = ", ".join(
+                f"{k} {was['seed'] if k == 'seed' else old.get(k)!r} -> {cfg['seed'] if k == 'seed' else new.get(k)!r}"
+                for k in changed[:4]
+            )
+            raise LcnnError(
+                f"the saved {checkpoint.STATE_FILE} in {cfg['out_dir']} was trained with other settings ({shown}); "
+                f"delete that {checkpoint.STATE_FILE} to start this run over with the new ones"
+            )
     own, theirs = model.state_dict(), saved["model"]
     bad = sorted(set(own) ^ set(theirs)) or sorted(k for k in own if own[k].shape != theirs[k].shape)
     if bad:
-        was = saved.get("run") or {}
         raise LcnnError(
             f"the saved {checkpoint.STATE_FILE} in {cfg['out_dir']} is from {was.get('timm_name', 'another model')} "
             f"with {was.get('num_classes', '?')} classes, but this run trains {cfg['timm_name']} with {num_classes} "

@@ -22,10 +22,16 @@ class LcnnError(Exception):
 
 
 def cli(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a ``main()`` so that an :class:`LcnnError` becomes one line on stderr and exit status 2."""
+    """Wrap a ``main()`` so that an :class:`LcnnError` becomes one line on stderr and exit status 2.
+
+    Output is line-buffered, so a job's log file (``tail -f logs/...``) shows each progress line as it happens.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(line_buffering=True)
         try:
             return func(*args, **kwargs)
         except LcnnError as err:

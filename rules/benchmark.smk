@@ -4,6 +4,7 @@
 rule benchmark:
     input:
         unpack(get_benchmark_run),
+        val=rules.prepare_data.output.val,  # benchmark.onnx_int8: its top-1 change is measured on these images
     output:
         "benchmarks/{model}.json",
     log:
@@ -21,4 +22,4 @@ rule benchmark:
     shell:
         "python -m lcnn.benchmark --model-name {wildcards.model} --timm-name {params.timm_name:q}"
         " --weights {input.weights:q} --run-config {input.run_config:q}"
-        " --config-json {params.bench:q} --out {output:q} > {log:q} 2>&1"
+        " --config-json {params.bench:q} --val-manifest {input.val:q} --out {output:q} > {log:q} 2>&1"

@@ -212,6 +212,11 @@ def get_rung_run_json(wildcards):
         config, wildcards.model, wildcards.variant, int(wildcards.seed)
     )
     run["stop_epoch"] = SCHEDULE[rung - 1]
+    # a rung that stops before the budget leaves its state in state/: the next rung goes on from there, and a
+    # rerun of this rung starts again from the previous rung instead of from its own finished state
+    run["handoff_dir"] = rung_file(
+        wildcards.model, wildcards.variant, wildcards.seed, rung, "state"
+    )
     if rung > 1:
         run["init_state"] = rung_file(
             wildcards.model, wildcards.variant, wildcards.seed, rung - 1, "state"
@@ -248,6 +253,7 @@ def search_json(model, rung=None):
         "seeds": SEEDS,
         "candidates": VARIANTS,
         "pinned": study.pinned_variants(config),
+        "keep_checkpoint": config["train"]["keep_checkpoint"],
     }
     if rung is not None:
         search |= {"rung": int(rung), "epochs": SCHEDULE[int(rung) - 1]}

@@ -36,13 +36,10 @@ rule train_rung:
         run=get_rung_run_json,
         launcher=get_train_launcher,
         out_dir=RUNG_DIR,
-    # after a rung that stops before the budget, its state moves to state/: the next rung goes on from there,
-    # and a rerun of this rung starts again from the previous rung instead of from its own finished state
+    # exec, like rule train: on SLURM's SIGTERM the trainer saves its state while Snakemake waits for it
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} -m lcnn.train"
+        "export OMP_NUM_THREADS={threads}; exec {params.launcher} -m lcnn.train"
         " --run-json {params.run:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
-        " && if [ -f {params.out_dir:q}/train_state.pt ]; then mkdir -p {params.out_dir:q}/state"
-        " && mv -f {params.out_dir:q}/train_state.pt {params.out_dir:q}/state/; fi"
 
 
 checkpoint select_rung:

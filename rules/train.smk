@@ -26,8 +26,10 @@ rule train:
         run=get_run_json,
         launcher=get_train_launcher,
         out_dir=RUN_DIR,
+    # exec: the trainer replaces the shell, so on SLURM's SIGTERM (profiles/slurm: 120 s before the time limit, or a
+    # preemption) Snakemake's job process waits while the trainer saves its state and exits 75 for the retry
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} -m lcnn.train"
+        "export OMP_NUM_THREADS={threads}; exec {params.launcher} -m lcnn.train"
         " --run-json {params.run:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 

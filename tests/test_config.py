@@ -80,6 +80,12 @@ def test_select_restricts_runs():
         (lambda c: c["variants"].update(x={"sched": "cosine"}), "missing a required key: axis"),
         (lambda c: c["select"].update(models=["resnet"]), "select.models names 'resnet'"),
         (lambda c: c["models"].update(bad={"timm": "not_a_model"}), "is not a timm model"),
+        (lambda c: c["report"].update(gain_range=[3.5, 1.5]), "report.gain_range [3.5, 1.5] runs backwards"),
+        (lambda c: c.update(grid={"opt": ["adamx"]}), "config key 'grid.opt' is 'adamx'; expected one of"),
+        (lambda c: c.update(grid={"optt": ["sgd"]}), "'grid.optt' is not a hyperparameter; did you mean opt?"),
+        (lambda c: c.update(grid={"a/b": [1]}), "'grid.a/b' is not a hyperparameter"),
+        (lambda c: c.update(grid={"lr_base": [1e-3, 0.001]}), "'grid.lr_base' lists the same value twice"),
+        (lambda c: c.update(grid={"auto_augment": ["rand-m9", "rand m9"]}), "both named grid_auto_augment-rand-m9"),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(mutate, message):

@@ -73,3 +73,15 @@ def test_pretrained_from_local_file(tmp_path):
     stem = "stem.conv.weight"
     assert torch.equal(model.state_dict()[stem], source.state_dict()[stem])
     assert model.state_dict()["head.fc.weight"].shape[0] == 10
+    # the class count is the file's own, not timm's default for the tag: a 10-class file keeps its head
+    small = models.save_weights(model, tmp_path / "ten.safetensors")
+    again = models.create("mobilevitv2_050", 10, init="pretrained", pretrained_file=str(small))
+    assert torch.equal(again.state_dict()["head.fc.weight"], model.state_dict()["head.fc.weight"])
+
+
+def test_pretrained_tag_is_checked_and_named(tmp_path, monkeypatch):
+    with pytest.raises(LcnnError, match="no pretrained tag 'in22k' for mobilevitv2_050; use one of cvnets_in1k"):
+        models.create("mobilevitv2_050", 10, init="pretrained", pretrained_tag="in22k")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    with pytest.raises(LcnnError, match=r"weights for mobilevitv2_050\.cvnets_in1k are not in the local"):
+        models.create("mobilevitv2_050", 10, init="pretrained", pretrained_tag="cvnets_in1k")

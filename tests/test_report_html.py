@@ -37,7 +37,7 @@ WAIT_S = 30
 
 def _unavailable(reason: str) -> None:
     """Skip locally; under CI a missing browser must not turn into a silently green run."""
-    if os.environ.get("CI", "").lower() == "true":
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
         pytest.fail(f"CI=true but {reason}")
     pytest.skip(reason)
 

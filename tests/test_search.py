@@ -239,6 +239,7 @@ def test_rung_after_rung_equals_one_continuous_run(built_data, tmp_path):
     h_whole, h_rungs = (pd.read_csv(tmp_path / d / "history.csv") for d in ("whole", "rung2"))
     assert h_whole[["epoch", "lr", "top1", "train_loss"]].equals(h_rungs[["epoch", "lr", "top1", "train_loss"]])
     assert not (tmp_path / "rung2" / "train_state.pt").exists()  # the full budget reached: cleaned up
+    assert not (tmp_path / "rung1" / "train_state.pt").exists()  # carried on into rung 2: freed
     with pytest.raises(LcnnError, match="no usable training state in .*nowhere"):
         train.run(rc("rung3", stop_epoch=3, init_state=str(tmp_path / "nowhere")))
 
@@ -273,6 +274,9 @@ def test_halving_study_grows_its_dag_and_reruns_nothing(tmp_path):
     snakemake(workdir, *[f"search/{m}/rung1.json" for m in MODELS], *args)
     sel = {m: json.loads((workdir / f"search/{m}/rung1.json").read_text()) for m in MODELS}
     finalists = {m: sel[m]["next"] for m in MODELS}  # 2 survivors, and the baseline unless it is one of them
+    for m in MODELS:  # a run that goes no further never resumes: its state is freed at the selection
+        states = {v: workdir / f"runs_halving/{m}/{v}/seed0/rung1/state/train_state.pt" for v in sel[m]["runs"]}
+        assert {v for v, p in states.items() if p.is_file()} == set(finalists[m])
     proc = snakemake(workdir, *args)
     counts = job_counts(first_table(proc.stdout + proc.stderr))  # the jobs this second run had to do
     assert "select_rung" not in counts and "prepare_data" not in counts
@@ -293,6 +297,7 @@ def test_halving_study_grows_its_dag_and_reruns_nothing(tmp_path):
             assert not (workdir / f"results/halving/{model}/{variant}.json").exists()
             assert not (workdir / f"runs_halving/{model}/{variant}/seed0/rung2").exists()
     assert not (workdir / "runs").exists() and not (workdir / "results" / MODELS[0]).exists()  # no grid runs
+    assert not list(workdir.glob("runs_halving/**/train_state.pt"))  # every state freed once no rung needs it
 
     table = pd.read_csv(workdir / "results/report/halving.csv")
     spent = sum(4 + len(f) for f in finalists.values())

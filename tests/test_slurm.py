@@ -315,3 +315,59 @@ def test_tiny_study_runs_every_job_on_slurm(slurm_cluster, tmp_path):
     assert "env" in summary, "results/report/summary.json should record lcnn.utils.environment() as 'env'"
     slurm_id(summary["env"], "report")
     assert summary["runs"] == {"total": n_runs, "ok": n_runs, "diverged": 0}, summary["runs"]
+
+
+PREEMPT_OVERLAY = {  # one training run, long enough (4 epochs of 15 steps at 96 px) to be signalled mid-epoch
+    "baseline": {"epochs": 4, "batch_size": 8, "img_size": 96},
+    "train": {"log_every": 1},
+}
+
+
+def test_training_job_signalled_by_slurm_saves_state_and_its_retry_resumes(slurm_cluster, tmp_path):
+    """What the profile's --signal=TERM@120 (or a preemption) does to a real training job: SLURM signals the job
+    step, the trainer saves its state and exits 75, the job fails, and Snakemake's retry (a new SLURM job with a
+    longer time limit) resumes from that state instead of starting over."""
+    from conftest import OVERLAYS, copy_workflow
+
+    c = slurm_cluster
+    work = copy_workflow(tmp_path / "study")
+    (work / "preempt.yaml").write_text(yaml.safe_dump(PREEMPT_OVERLAY))
+    profile = make_profile(tmp_path / "profile", c)
+    target = "runs/mobilenetv3_l/baseline/seed0/metrics.json"
+    rule_log = work / "logs/train/mobilenetv3_l/baseline/seed0.log"
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env.pop("SLURM_JOB_ID", None)
+    args = ["--profile", str(profile), "--configfile", *OVERLAYS, "preempt.yaml", "--", target]
+    log_path = tmp_path / "snakemake.log"
+    with log_path.open("w") as fh:
+        proc = subprocess.Popen(
+            ["timeout", "-k", "20", str(WORKFLOW_TIMEOUT_S), sys.executable, "-m", "snakemake", *args],
+            cwd=work,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+        signalled = None
+        deadline = time.monotonic() + WORKFLOW_TIMEOUT_S
+        while signalled is None and proc.poll() is None and time.monotonic() < deadline:
+            text = rule_log.read_text() if rule_log.exists() else ""
+            if "epoch 2 step 3/" in text:  # line-buffered progress: the job is mid-epoch right now
+                signalled = submitted_job_ids(log_path.read_text())[-1]
+                # like --signal=TERM@120: the job step's processes, not the batch shell
+                subprocess.run(["scancel", "--signal=TERM", signalled], check=True)
+            time.sleep(0.2)
+        rc = proc.wait()
+    log = log_path.read_text()
+    assert signalled, "the training job never reached epoch 2:\n" + fail_msg(log, work)
+    assert rc == 0, fail_msg(log, work)
+
+    jobs = sacct(submitted_job_ids(log))
+    train = [r for r in jobs.values() if rule_of(r) == "train"]
+    assert [r["State"] for r in train] == ["FAILED", "COMPLETED"], train
+    assert train[0]["JobID"] == signalled and train[1]["Timelimit"] == "1-00:00:00", train
+    text = rule_log.read_text()  # the retry's log (the same path)
+    assert re.search(r"resuming at epoch 2 step \d+", text), text[-2000:]
+    metrics = json.loads((work / target).read_text())
+    assert metrics["status"] == "ok" and metrics["epochs_completed"] == 4, metrics
+    assert metrics["slurm_job_id"] == train[1]["JobID"], metrics
+    assert not (work / target).with_name("train_state.pt").exists(), "the state is cleaned up after success"

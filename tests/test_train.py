@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from conftest import REPO, tiny_config
@@ -119,6 +120,9 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     assert (tmp_path / "cut" / "train_state.pt").is_file()
     assert not (tmp_path / "cut" / "metrics.json").exists()
 
+    changed = {**cut, "hparams": {**cut["hparams"], "lr_base": cut["hparams"]["lr_base"] * 2}}
+    with pytest.raises(LcnnError, match="trained with other settings .*lr_base.*delete that train_state.pt"):
+        train.run(changed)  # an edited variant never resumes from the old recipe's state
     resumed = train_subprocess(cut)
     log = resumed.stdout.read()
     assert resumed.wait(timeout=600) == 0, log
@@ -127,6 +131,10 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
     assert (ma["top1"], ma["top5"]) == (mb["top1"], mb["top5"])
+    # the interrupted epoch's history row covers the whole epoch, not just the steps after the resume
+    ha, hb = (pd.read_csv(tmp_path / d / "history.csv") for d in ("whole", "cut"))
+    same = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr"]
+    pd.testing.assert_frame_equal(ha[same], hb[same])
     assert not (tmp_path / "cut" / "train_state.pt").exists()  # cleaned up after success
 
 
