@@ -22,7 +22,6 @@ from typing import Any
 
 import pandas as pd
 
-from lcnn import checkpoint
 from lcnn.report import mean_ci
 from lcnn.utils import LcnnError, atomic_write_json, cli, json_arg, read_json
 
@@ -328,13 +327,15 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["command"] == "select":
         previous = read_json(cfg["previous"]) if cfg.get("previous") else None
         out = select_rung(cfg, metrics, previous)
-        if not cfg.get("keep_checkpoint"):  # a run that goes no further never resumes: free its saved state
-            for path, m in zip(cfg["metrics"], metrics):
-                if m["variant"] not in out["next"]:
-                    checkpoint.remove(Path(path).parent / "state")
     else:
         out = summarize(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
     atomic_write_json(cfg["out"], out)
+    if cfg["command"] == "select" and not cfg.get("keep_checkpoint"):
+        from lcnn import checkpoint  # imports torch: only here
+
+        for path, m in zip(cfg["metrics"], metrics):  # a run that goes no further never resumes: free its state
+            if m["variant"] not in out["next"]:
+                checkpoint.remove(Path(path).parent / "state")
     return out
 
 
