@@ -109,20 +109,21 @@ def make_profile(dest: Path, cluster: dict, **overrides) -> Path:
     return dest
 
 
-def run_snakemake(args: list[str], cwd: Path, timeout_s: int, log: Path) -> tuple[int, str, float]:
-    """Run snakemake (this venv's) under ``timeout -k``: with jobs in flight it may ignore SIGTERM."""
+def start_snakemake(args: list[str], cwd: Path, timeout_s: int, out) -> subprocess.Popen:
+    """Start snakemake (this venv's) under ``timeout -k`` (with jobs in flight it may ignore SIGTERM), output to
+    the open file ``out``."""
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     env.pop("SLURM_JOB_ID", None)
+    cmd = ["timeout", "-k", "20", str(timeout_s), sys.executable, "-m", "snakemake", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def run_snakemake(args: list[str], cwd: Path, timeout_s: int, log: Path) -> tuple[int, str, float]:
+    """Run snakemake to the end; return its exit status, its log and the seconds it took."""
     t0 = time.monotonic()
     with log.open("w") as fh:
-        proc = subprocess.run(
-            ["timeout", "-k", "20", str(timeout_s), sys.executable, "-m", "snakemake", *args],
-            cwd=cwd,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    return proc.returncode, log.read_text(), time.monotonic() - t0
+        rc = start_snakemake(args, cwd, timeout_s, fh).wait()
+    return rc, log.read_text(), time.monotonic() - t0
 
 
 def submitted_job_ids(snakemake_log: str) -> list[str]:
@@ -335,18 +336,10 @@ def test_training_job_signalled_by_slurm_saves_state_and_its_retry_resumes(slurm
     profile = make_profile(tmp_path / "profile", c)
     target = "runs/mobilenetv3_l/baseline/seed0/metrics.json"
     rule_log = work / "logs/train/mobilenetv3_l/baseline/seed0.log"
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    env.pop("SLURM_JOB_ID", None)
     args = ["--profile", str(profile), "--configfile", *OVERLAYS, "preempt.yaml", "--", target]
     log_path = tmp_path / "snakemake.log"
     with log_path.open("w") as fh:
-        proc = subprocess.Popen(
-            ["timeout", "-k", "20", str(WORKFLOW_TIMEOUT_S), sys.executable, "-m", "snakemake", *args],
-            cwd=work,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start_snakemake(args, work, WORKFLOW_TIMEOUT_S, fh)
         signalled = None
         deadline = time.monotonic() + WORKFLOW_TIMEOUT_S
         while signalled is None and proc.poll() is None and time.monotonic() < deadline:
