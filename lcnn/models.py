@@ -85,9 +85,10 @@ def _create_pretrained(
 ) -> nn.Module:
     """Load ImageNet weights from a local file or the local Hugging Face cache, never from the network."""
     name = f"{timm_name}.{tag}" if tag else timm_name
-    if tag and f"{timm_name}.{tag}" not in timm.list_pretrained(f"{timm_name}.*"):
-        known = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{timm_name}.*")]
-        raise LcnnError(f"timm has no pretrained tag '{tag}' for {timm_name}; use one of {', '.join(known)}")
+    known = timm.list_pretrained(f"{timm_name}.*") if tag else [name]
+    if name not in known:
+        tags = ", ".join(t.split(".", 1)[1] for t in known)
+        raise LcnnError(f"timm has no pretrained tag '{tag}' for {timm_name}; use one of {tags}")
     if pretrained_file:
         if not Path(pretrained_file).is_file():
             raise LcnnError(

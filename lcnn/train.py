@@ -223,15 +223,11 @@ def _check_state_fits(saved: dict[str, Any], cfg: dict[str, Any], model, num_cla
     """Refuse, naming both sides, a saved state of another recipe, seed, architecture or class count."""
     was = saved.get("run") or {}
     if "hparams" in was:
-        old, new = json.loads(was["hparams"]), cfg["hparams"]
+        old = {"seed": was["seed"], **json.loads(was["hparams"])}
+        new = {"seed": cfg["seed"], **cfg["hparams"]}
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if was["seed"] != cfg["seed"]:
-            changed.insert(0, "seed")
         if changed:
-            shown = ", ".join(
-                f"{k} {was['seed'] if k == 'seed' else old.get(k)!r} -> {cfg['seed'] if k == 'seed' else new.get(k)!r}"
-                for k in changed[:4]
-            )
+            shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
             raise LcnnError(
                 f"the saved {checkpoint.STATE_FILE} in {cfg['out_dir']} was trained with other settings ({shown}); "
                 f"delete that {checkpoint.STATE_FILE} to start this run over with the new ones"
