@@ -1,85 +1,90 @@
-"""Resumable training state: saved atomically, loaded with ``weights_only=True``.
+"""Resumable training state: Accelerate's ``save_state`` folder, swapped in whole so a kill never leaves half of one.
 
-One file holds everything a preempted job needs to continue exactly where it stopped: model,
-optimizer, scheduler, grad scaler, every RNG state, the epoch and step, and the history so far.
+``accelerator.save_state`` writes the model, optimizer, grad scaler, the seedable sampler, every registered object
+(the trainer's progress and timm's scheduler) and *every process's* RNG state. lcnn adds ``lcnn_state.json``: who
+the state belongs to (model, recipe, seed, device count) and where it stopped, written last, so its presence marks
+a complete folder. The folder is written as ``train_state.tmp`` and renamed into place; a kill between the two
+renames leaves ``train_state.old``, which is used instead.
 """
 
 from __future__ import annotations
 
-import random
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from lcnn.utils import LcnnError, atomic_write_json
 
-from lcnn.utils import LcnnError, atomic_save
-
-STATE_FILE = "train_state.pt"
+STATE_DIR = "train_state"
+META_FILE = "lcnn_state.json"
 
 
-def rng_state() -> dict[str, Any]:
-    """All RNG states as plain tensors and lists, so ``torch.load(weights_only=True)`` accepts them."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _paths(run_dir: str | Path) -> tuple[Path, Path, Path]:
+    base = Path(run_dir) / STATE_DIR
+    return base, base.with_name(STATE_DIR + ".tmp"), base.with_name(STATE_DIR + ".old")
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tuplify(state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["kind"],
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["gauss"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save(accelerator, run_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Save the full state of every process; call it on all processes (it synchronises them)."""
+    final, tmp, old = _paths(run_dir)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's RNG state is on disk
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / META_FILE, meta)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()  # no rank goes on (or exits) before the state is in place
+    return final
 
 
-def _tuplify(obj: Any) -> Any:
-    return tuple(_tuplify(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+def find(run_dir: str | Path) -> Path | None:
+    """The complete state folder of a run, or None when it has none."""
+    final, _, old = _paths(run_dir)
+    for folder in (final, old):
+        if (folder / META_FILE).is_file():
+            return folder
+    return None
 
 
-def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Write the training state atomically: a kill at any moment leaves the old file or the new one."""
-    return atomic_save(Path(run_dir) / STATE_FILE, lambda tmp: torch.save(state, tmp))
-
-
-def load(run_dir: str | Path) -> dict[str, Any] | None:
-    """Return the saved training state, or None when the run has not been started before."""
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        return None
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise LcnnError(f"cannot resume from {path} ({type(err).__name__}: {err}); delete it to start over") from None
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise LcnnError(f"cannot resume from {path} ({err}); delete {Path(folder)} to start the run over") from None
+
+
+def load(accelerator, folder: str | Path) -> None:
+    """Restore what :func:`save` saved into the prepared objects and registered ones, on every process."""
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as err:  # a truncated or foreign file: name the folder, never start a silent fresh run
+        raise LcnnError(
+            f"cannot resume from {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"delete {folder} to start the run over"
+        ) from None
 
 
 def move(run_dir: str | Path, dest_dir: str | Path) -> Path:
     """Move a run's state into ``dest_dir`` (a rename, so it is never half there)."""
-    dest = Path(dest_dir) / STATE_FILE
+    src = find(run_dir)
+    if src is None:
+        raise LcnnError(f"no training state in {run_dir} to hand on to {dest_dir}")
+    dest = Path(dest_dir) / STATE_DIR
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return (Path(run_dir) / STATE_FILE).replace(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    return src.replace(dest)
 
 
 def remove(run_dir: str | Path) -> None:
-    (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
+    """Delete a run's state, with any leftovers of an interrupted save."""
+    for folder in _paths(run_dir):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -29,6 +29,21 @@ def schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+def schema_defaults(section: str) -> dict[str, Any]:
+    """The schema's default of every key of a top-level section: stage CLIs run alone take them from here."""
+    props = schema()["properties"][section]["properties"]
+    return {key: copy.deepcopy(sub["default"]) for key, sub in props.items() if "default" in sub}
+
+
+def validate_section(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` checked as config section ``section`` (one-line error naming the key), over its defaults."""
+    wrapper = {"$defs": schema()["$defs"], "type": "object", "properties": {section: schema()["properties"][section]}}
+    errors = sorted(jsonschema.Draft202012Validator(wrapper).iter_errors({section: values}), key=lambda e: len(e.path))
+    if errors:
+        raise LcnnError(_describe(errors[0]))
+    return {**schema_defaults(section), **copy.deepcopy(values)}
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file and validate it."""
     path = Path(path)
@@ -211,12 +226,19 @@ def runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict[str, Any]:
-    """Everything one training job needs, resolved: the file the train rule hands to lcnn.train."""
+# train settings that change the trained weights; the rest of `train:` (log_every, num_workers, keep_checkpoint,
+# channels_last, device) only changes how a job runs, so editing it never retrains anything
+RECIPE_TRAIN_KEYS = ("precision", "gpus_per_job", "grad_clip", "max_steps_per_epoch")
+
+
+def run_recipe(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict[str, Any]:
+    """What one training job's weights depend on: model, variant recipe, seed, precision and device count.
+
+    The train rule hands it over as a params value, so editing any of it (and nothing else) reruns the job.
+    """
     if model not in cfg["models"]:
         raise LcnnError(f"unknown model '{model}'; configured models: {', '.join(cfg['models'])}")
     spec = cfg["models"][model]
-    hp = hparams(cfg, variant)
     return {
         "model": model,
         "timm_name": spec["timm"],
@@ -224,10 +246,25 @@ def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict
         "pretrained_tag": spec.get("pretrained_tag"),
         "variant": variant,
         "seed": int(seed),
-        "hparams": hp,
-        "train": copy.deepcopy(cfg["train"]),
-        "data_root": cfg["data"]["root"],
+        "hparams": hparams(cfg, variant),
+        "train": {k: copy.deepcopy(cfg["train"][k]) for k in RECIPE_TRAIN_KEYS},
     }
+
+
+def run_execution(cfg: dict[str, Any]) -> dict[str, Any]:
+    """How every training job runs (the same for all): the rest of ``train:`` and where the prepared data is."""
+    train = {k: copy.deepcopy(v) for k, v in cfg["train"].items() if k not in RECIPE_TRAIN_KEYS}
+    return {"train": train, "data_root": cfg["data"]["root"]}
+
+
+def merge_run(recipe: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:
+    """One job's full run config: its recipe with the study's execution settings."""
+    return {**recipe, **execution, "train": {**execution["train"], **recipe["train"]}}
+
+
+def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict[str, Any]:
+    """Everything one training job needs, resolved: recipe and execution settings together."""
+    return merge_run(run_recipe(cfg, model, variant, seed), run_execution(cfg))
 
 
 # ------------------------------------------------------------------------------------------ search (halving)

@@ -24,24 +24,34 @@ from lcnn.utils import LcnnError
 
 
 class SeededTransforms(Dataset):
-    """Apply a random transform seeded by (seed, epoch, index), whichever worker or step loads the sample.
+    """Apply a random transform seeded by (seed, epoch, index), whichever rank, worker or step loads the sample.
 
     That makes augmentation independent of worker count and of where a resumed epoch restarts, and the
-    global RNG streams are restored afterwards so the model's own randomness is not disturbed.
+    global RNG streams are restored afterwards so the model's own randomness is not disturbed. The epoch lives in
+    shared memory: persistent loader workers see :meth:`set_epoch`, and the trainer calls it itself, because
+    Accelerate forwards a prepared loader's ``set_epoch`` to the dataset only when the loader is not sharded.
     """
 
     def __init__(self, dataset: ManifestDataset, transform: Any, seed: int) -> None:
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def sample_seed(self, index: int) -> int:
+        return (self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.dataset[index]
-        sample_seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31
+        sample_seed = self.sample_seed(index)
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(sample_seed)
         np.random.seed(sample_seed)
@@ -78,8 +88,12 @@ def transforms(hp: dict[str, Any], img_size: int, timm_name: str) -> tuple[Any, 
     return train, evaluation
 
 
-def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int):
-    """Streaming train/val loaders over the prepared manifests, plus the Mixup/CutMix batch transform."""
+def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int, pin_memory: bool = False):
+    """Streaming train/val loaders over the prepared manifests, plus the Mixup/CutMix batch transform.
+
+    Workers persist across epochs and prefetch ``train.prefetch_factor`` batches each; ``pin_memory`` (on a GPU)
+    lets the host-to-device copies run asynchronously.
+    """
     hp, tcfg = cfg["hparams"], cfg["train"]
     root = cfg["data_root"]
     train_set = ManifestDataset(f"{root}/train.csv")
@@ -97,7 +111,9 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int):
     tag = cfg.get("pretrained_tag") if hp["init"] == "pretrained" else None  # pretrained weights: their normalisation
     train_tf, eval_tf = transforms(hp, img_size, f"{cfg['timm_name']}.{tag}" if tag else cfg["timm_name"])
     workers = tcfg.get("num_workers", 0)
-    loader_kw = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
+    loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
+    if workers:
+        loader_kw |= {"persistent_workers": True, "prefetch_factor": tcfg.get("prefetch_factor", 4)}
     train_loader = DataLoader(
         SeededTransforms(train_set, train_tf, cfg["seed"]),
         batch_size=hp["batch_size"],

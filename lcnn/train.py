@@ -1,57 +1,152 @@
 """Training stage: one model x variant x seed, with Accelerate, resumable and honest about its outcome.
 
-Run by the train rule as ``python -m lcnn.train`` (one device) or ``accelerate launch -m lcnn.train``
-(several GPUs). Every study axis goes through a timm factory: ``create_optimizer_v2``,
-``create_scheduler_v2``, ``create_transform`` and ``Mixup``. On SIGUSR1/SIGTERM (a SLURM time limit or
-preemption) the full training state is saved and the job exits non-zero, so a retry resumes from it.
+Run by the train rule through ``python -m lcnn.launch`` (``python -m lcnn.train`` on one device, ``torchrun
+--standalone`` across several GPUs of one node). Every study axis goes through a timm factory:
+``create_optimizer_v2``, ``create_scheduler_v2``, ``create_transform`` and ``Mixup``.
+
+The step loop never waits on the host: losses add up on the device and are read, with the divergence and stop
+checks, every ``train.log_every`` steps. On SIGTERM/SIGUSR1/SIGINT (a SLURM time limit or preemption) every rank
+stops at the same check, the full state of every rank is saved (Accelerate's ``save_state``) and the job exits 75,
+so a retry resumes exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from timm.utils import accuracy
 
-from lcnn import checkpoint, models
+from lcnn import checkpoint, devices, models
+from lcnn.config import RECIPE_TRAIN_KEYS, merge_run
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
 from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, json_arg, peak_rss_mb
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-class _Stop:
-    """Remembers a SIGUSR1/SIGTERM so the loop can save its state at the next step boundary."""
+class Progress:
+    """Where the run stands, saved with the state (Accelerate ``register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.step, self.history = 0, 0, []
+        self.train_seconds = self.val_seconds = 0.0
+        self.epoch_acc = self.fresh_acc()  # the interrupted epoch's totals, so its history row covers all of it
+
+    @staticmethod
+    def fresh_acc() -> dict[str, float]:
+        return {"seen": 0, "loss_sum": 0.0, "n_loss": 0, "seconds": 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+class _StopSignal:
+    """Remembers a stop signal; the loop turns it into Accelerate's trigger at its next check."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum
 
 
+@dataclass
+class Job:
+    """Everything one run trains with, built by :func:`setup`."""
+
+    cfg: dict[str, Any]
+    out: Path
+    tag: str
+    accelerator: Accelerator
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    mixup: Any
+    losses: tuple[Any, Any]
+    lr: float
+    img_size: int
+    num_classes: int
+    steps: int
+    epochs: int
+    stop_at: int
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def tcfg(self) -> dict[str, Any]:
+        return self.cfg["train"]
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one run described by ``cfg`` (see :func:`lcnn.config.run_config`) into ``cfg['out_dir']``."""
-    out = Path(cfg["out_dir"])
+    faulthandler.enable()  # a segfault in a native library names itself and the Python stack in the job's log
+    job = setup(cfg)
+    resume(job)
+    stop = _StopSignal()
+    announce(job)
+    diverged = None
+    while job.progress.epoch < job.stop_at:
+        diverged = train_epoch(job, stop)
+        if diverged is not None:
+            job.accelerator.print(
+                f"[{job.tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged"
+            )
+            break
+        end_epoch(job)
+    result = finish(job, diverged)
+    hand_off(job, diverged)
+    job.accelerator.end_training()
+    return result
+
+
+def setup(cfg: dict[str, Any]) -> Job:
+    """Device, data, model, optimizer and schedule, prepared by Accelerate and registered for checkpointing."""
     hp, tcfg = cfg["hparams"], cfg["train"]
-    tag = f"{cfg['model']}/{cfg['variant']}/seed{cfg['seed']}"
-    if os.environ.get("LCNN_FAIL_RUN") == tag:  # fault-injection hook for the workflow tests
-        raise RuntimeError(f"LCNN_FAIL_RUN={tag}: failing this job on purpose")
-    accelerator = _accelerator(tcfg)
-    set_seed(cfg["seed"])
+    device = devices.resolve(tcfg.get("device", "auto"), "train.device")
+    precision = tcfg.get("precision", "no")
+    if precision == "fp16" and device == "cpu":
+        raise LcnnError("train.precision is fp16 but there is no GPU; use bf16 or no on the CPU")
+    if tcfg.get("deterministic"):  # bit-identical resume on a GPU, at some cost in speed
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        cpu=device == "cpu",
+        dynamo_backend="no",  # explicit: ACCELERATE_* variables and config files never change a study's job
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg["seed"], non_blocking=device == "cuda"
+        ),
+    )
+    expected = int(tcfg.get("gpus_per_job", 1))
+    if accelerator.num_processes != expected:
+        raise LcnnError(
+            f"this job runs {accelerator.num_processes} processes but train.gpus_per_job is {expected}; "
+            "start it through `python -m lcnn.launch --nproc N` as the train rule does"
+        )
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = not tcfg.get("deterministic")
+    set_seed(cfg["seed"], deterministic=bool(tcfg.get("deterministic")))  # identical weights on every rank
     img_size = hp.get("img_size") or cfg["native_img_size"]
-    train_loader, val_loader, mixup, num_classes = build_loaders(cfg, img_size, accelerator.num_processes)
+    train_loader, val_loader, mixup, num_classes = build_loaders(
+        cfg, img_size, accelerator.num_processes, pin_memory=device == "cuda"
+    )
     model = models.create(
         cfg["timm_name"],
         num_classes,
@@ -69,214 +164,234 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if tcfg.get("max_steps_per_epoch"):
         steps = min(steps, tcfg["max_steps_per_epoch"])
     scheduler = build_scheduler(optimizer, hp, steps)
-    train_loss_fn, val_loss_fn = build_loss(hp)
-
-    # epoch_acc: the interrupted epoch's running totals, so its history row covers the whole epoch after a resume
-    fresh_acc = {"seen": 0, "loss_sum": 0.0, "n_loss": 0, "seconds": 0.0}
-    state = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0, "epoch_acc": dict(fresh_acc)}
     epochs = hp["epochs"]  # the schedule always spans the full budget, also when this job stops earlier
     stop_at = int(cfg.get("stop_epoch") or epochs)  # a halving rung stops here; its state lets the next one go on
     if not 1 <= stop_at <= epochs:
         raise LcnnError(f"stop_epoch {stop_at} must be between 1 and the run's {epochs} epochs")
-    saved = checkpoint.load(out)
-    if saved is None and cfg.get("init_state"):  # a later rung: go on from where the previous rung stopped
-        saved = checkpoint.load(cfg["init_state"])
-        if saved is None or saved["epoch"] > stop_at or saved["step"]:
+    job = Job(
+        cfg=cfg,
+        out=Path(cfg["out_dir"]),
+        tag=f"{cfg['model']}/{cfg['variant']}/seed{cfg['seed']}",
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        mixup=mixup,
+        losses=build_loss(hp),
+        lr=lr,
+        img_size=img_size,
+        num_classes=num_classes,
+        steps=steps,
+        epochs=epochs,
+        stop_at=stop_at,
+    )
+    accelerator.register_for_checkpointing(job.progress)
+    if scheduler is not None:
+        accelerator.register_for_checkpointing(scheduler)  # timm's scheduler: state_dict/load_state_dict
+    # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
+    set_seed(cfg["seed"], device_specific=True, deterministic=bool(tcfg.get("deterministic")))
+    return job
+
+
+def identity(job: Job) -> dict[str, Any]:
+    """Who a saved state belongs to; a state of anything else is refused rather than resumed."""
+    cfg = job.cfg
+    return {
+        "timm_name": cfg["timm_name"],
+        "num_classes": job.num_classes,
+        "img_size": job.img_size,
+        "seed": cfg["seed"],
+        "hparams": cfg["hparams"],
+        "recipe_train": {k: cfg["train"].get(k) for k in RECIPE_TRAIN_KEYS},
+        "num_processes": job.accelerator.num_processes,
+    }
+
+
+def resume(job: Job) -> None:
+    """Go on from this run's own saved state, or (a later halving rung) from the previous rung's."""
+    cfg = job.cfg
+    folder = checkpoint.find(job.out)
+    if folder is None and cfg.get("init_state"):
+        folder = checkpoint.find(cfg["init_state"])
+        meta = checkpoint.read_meta(folder) if folder else None
+        if meta is None or meta["epoch"] > job.stop_at or meta["step"]:
             raise LcnnError(
                 f"no usable training state in {cfg['init_state']} to go on from (missing, or not at an epoch "
-                f"<= {stop_at}); rerun the previous rung, e.g. by deleting its metrics.json"
+                f"<= {job.stop_at}); rerun the previous rung, e.g. by deleting its metrics.json"
             )
-    if saved is not None:
-        _check_state_fits(saved, cfg, accelerator.unwrap_model(model), num_classes)
-        accelerator.unwrap_model(model).load_state_dict(saved["model"])
-        optimizer.optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        if accelerator.scaler is not None and saved.get("scaler"):
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        checkpoint.set_rng_state(saved["rng"])
-        state = {k: saved.get(k, state[k]) for k in state}
-        accelerator.print(f"[{tag}] resuming at epoch {state['epoch'] + 1} step {state['step']}")
-
-    def save_state() -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoint.save(
-                out,
-                {
-                    **state,
-                    "run": {
-                        "timm_name": cfg["timm_name"],
-                        "num_classes": num_classes,
-                        "img_size": img_size,
-                        "seed": cfg["seed"],
-                        "hparams": json.dumps(hp, sort_keys=True),
-                    },
-                    "model": accelerator.unwrap_model(model).state_dict(),
-                    "optimizer": optimizer.optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                    "rng": checkpoint.rng_state(),
-                },
-            )
-
-    stop = _Stop()
-    diverged = None
-    accelerator.print(
-        f"[{tag}] {cfg['timm_name']} {models.count_params(model) / 1e6:.1f}M params, {len(train_loader.dataset)} "
-        f"train / {len(val_loader.dataset)} val images, {epochs} epochs x {steps} steps, lr {lr:.3g}, "
-        f"{accelerator.num_processes} x {accelerator.device} precision={accelerator.mixed_precision}"
-        + (f", stopping after epoch {stop_at}" if stop_at < epochs else "")
-    )
-    while state["epoch"] < stop_at and diverged is None:
-        epoch = state["epoch"]
-        model.train()
-        train_loader.set_epoch(epoch)  # reshuffles with seed + epoch, and reseeds per-sample augmentation
-        loader = accelerator.skip_first_batches(train_loader, state["step"]) if state["step"] else train_loader
-        acc = state["epoch_acc"] if state["step"] else dict(fresh_acc)
-        t0, seen, loss_sum, n_loss = time.perf_counter(), acc["seen"], acc["loss_sum"], acc["n_loss"]
-        for images, targets in loader:
-            if state["step"] >= steps:
-                break
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            if tcfg.get("channels_last"):
-                images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
-                loss = train_loss_fn(model(images), targets)
-                if _any_process(accelerator, not torch.isfinite(loss).all()):  # every process stops together
-                    diverged = {"epoch": epoch + 1, "step": state["step"] + 1}
-                    break
-                accelerator.backward(loss)
-                if tcfg.get("grad_clip"):
-                    accelerator.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            if scheduler is not None:
-                scheduler.step_update(epoch * steps + state["step"])
-            seen += images.shape[0] * accelerator.num_processes
-            loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
-            if state["step"] % tcfg.get("log_every", 50) == 0:
-                accelerator.print(f"[{tag}] epoch {epoch + 1} step {state['step']}/{steps} loss {loss.item():.4f}")
-            if _any_process(accelerator, stop.signum is not None):
-                elapsed = time.perf_counter() - t0
-                state["train_seconds"] += elapsed
-                state["epoch_acc"] = {"seen": seen, "loss_sum": loss_sum, "n_loss": n_loss}
-                state["epoch_acc"]["seconds"] = acc["seconds"] + elapsed
-                save_state()
-                why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another process"
-                accelerator.print(
-                    f"[{tag}] got {why}: saved state at epoch {epoch + 1} step {state['step']}; "
-                    f"exiting {EXIT_PREEMPTED} so a retry resumes"
-                )
-                sys.exit(EXIT_PREEMPTED)
-        if diverged is not None:
-            accelerator.print(
-                f"[{tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged"
-            )
-            break
-        elapsed = time.perf_counter() - t0
-        state["train_seconds"] += elapsed
-        seconds = acc["seconds"] + elapsed  # the whole epoch, also across a resume
-        metrics = evaluate(model, val_loader, val_loss_fn, accelerator, tcfg.get("channels_last", False))
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(n_loss, 1),
-            **metrics,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": seen / seconds if seconds > 0 else float("nan"),
-            "seconds": seconds,
-        }
-        state["history"].append(row)
-        state["epoch"], state["step"], state["epoch_acc"] = epoch + 1, 0, dict(fresh_acc)
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
-        accelerator.print(
-            f"[{tag}] epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val top1 {row['top1']:.2f} "
-            f"top5 {row['top5']:.2f} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s {seconds:.1f}s"
-        )
-        if state["epoch"] < epochs:
-            save_state()
-
-    result = _finish(cfg, out, accelerator, model, state, diverged, img_size, num_classes)
-    stopped_early = diverged is None and state["epoch"] < epochs  # the next rung goes on from the saved state
-    if accelerator.is_main_process and stopped_early and cfg.get("handoff_dir"):
-        checkpoint.move(out, cfg["handoff_dir"])  # where the next rung goes on from; a rerun of this rung starts over
-    if accelerator.is_main_process and not tcfg.get("keep_checkpoint"):
-        if not stopped_early:
-            checkpoint.remove(out)
-        if cfg.get("init_state"):  # the previous rung's state, now carried on into this rung's outputs
-            checkpoint.remove(cfg["init_state"])
-    return result
+    if folder is None:
+        return
+    _check_state_fits(checkpoint.read_meta(folder), job, folder)
+    checkpoint.load(job.accelerator, folder)
+    job.accelerator.print(f"[{job.tag}] resuming at epoch {job.progress.epoch + 1} step {job.progress.step}")
 
 
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """True if ``flag`` is set on any process: with several GPUs, one rank alone must never leave the loop."""
-    if accelerator.num_processes == 1:
-        return bool(flag)
-    t = torch.tensor([float(flag)], device=accelerator.device)
-    return accelerator.reduce(t, reduction="sum").item() > 0
-
-
-def _check_state_fits(saved: dict[str, Any], cfg: dict[str, Any], model, num_classes: int) -> None:
-    """Refuse, naming both sides, a saved state of another recipe, seed, architecture or class count."""
-    was = saved.get("run") or {}
-    if "hparams" in was:
-        old = {"seed": was["seed"], **json.loads(was["hparams"])}
-        new = {"seed": cfg["seed"], **cfg["hparams"]}
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if changed:
-            shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-            raise LcnnError(
-                f"the saved {checkpoint.STATE_FILE} in {cfg['out_dir']} was trained with other settings ({shown}); "
-                f"delete that {checkpoint.STATE_FILE} to start this run over with the new ones"
-            )
-    own, theirs = model.state_dict(), saved["model"]
-    bad = sorted(set(own) ^ set(theirs)) or sorted(k for k in own if own[k].shape != theirs[k].shape)
-    if bad:
+def _check_state_fits(meta: dict[str, Any], job: Job, folder: Path) -> None:
+    """Refuse, naming both sides, a saved state of another model, recipe, seed or device count."""
+    old, new = meta.get("run") or {}, identity(job)
+    flat_old = {**{k: v for k, v in old.items() if k != "hparams"}, **(old.get("hparams") or {})}
+    flat_new = {**{k: v for k, v in new.items() if k != "hparams"}, **new["hparams"]}
+    changed = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed[:4])
         raise LcnnError(
-            f"the saved {checkpoint.STATE_FILE} in {cfg['out_dir']} is from {was.get('timm_name', 'another model')} "
-            f"with {was.get('num_classes', '?')} classes, but this run trains {cfg['timm_name']} with {num_classes} "
-            f"classes (first difference: {bad[0]}); delete that {checkpoint.STATE_FILE} to start this run over"
+            f"the saved {checkpoint.STATE_DIR} in {job.out} was trained with other settings ({shown}); "
+            f"delete {folder} to start this run over with the new ones"
         )
+
+
+def announce(job: Job) -> None:
+    acc = job.accelerator
+    acc.print(
+        f"[{job.tag}] {job.cfg['timm_name']} {models.count_params(job.model) / 1e6:.1f}M params, "
+        f"{len(job.train_loader.dataset)} train / {len(job.val_loader.dataset)} val images, {job.epochs} epochs x "
+        f"{job.steps} steps, lr {job.lr:.3g}, {acc.num_processes} x {acc.device} precision={acc.mixed_precision}"
+        + (f", stopping after epoch {job.stop_at}" if job.stop_at < job.epochs else "")
+    )
+
+
+def train_epoch(job: Job, stop: _StopSignal) -> dict[str, int] | None:
+    """Train the current epoch from its current step; return where the loss diverged, or None.
+
+    The loop queues work without waiting for it: losses add up on the device and the first non-finite step is
+    kept there too; every ``log_every`` steps (and at the epoch's end) one gather reads them on the host, and
+    Accelerate's trigger tells every rank whether any rank was signalled to stop.
+    """
+    acc, prog, tcfg = job.accelerator, job.progress, job.tcfg
+    epoch, device = prog.epoch, acc.device
+    job.model.train()
+    job.train_loader.set_epoch(epoch)  # the seedable sampler's shuffle
+    job.train_loader.dataset.set_epoch(epoch)  # per-sample augmentation: not forwarded when the loader is sharded
+    loader = acc.skip_first_batches(job.train_loader, prog.step) if prog.step else job.train_loader
+    if not prog.step:
+        prog.epoch_acc = Progress.fresh_acc()
+    totals = prog.epoch_acc
+    loss_sum = torch.tensor(totals["loss_sum"], dtype=torch.float64, device=device)
+    step_dev = torch.tensor(prog.step, device=device)
+    first_bad = torch.tensor(-1, device=device)
+    train_loss_fn, log_every, t0 = job.losses[0], tcfg.get("log_every", 50), time.perf_counter()
+    for images, targets in loader:
+        if prog.step >= job.steps:
+            break
+        if job.mixup is not None:
+            images, targets = job.mixup(images, targets)
+        if tcfg.get("channels_last"):
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss = train_loss_fn(job.model(images), targets)
+        acc.backward(loss)
+        if tcfg.get("grad_clip"):
+            acc.clip_grad_norm_(job.model.parameters(), tcfg["grad_clip"])
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        step_dev += 1
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_dev, first_bad)
+        loss_sum += loss
+        prog.step += 1
+        totals["seen"] += images.shape[0] * acc.num_processes
+        totals["n_loss"] += 1
+        if job.scheduler is not None:
+            job.scheduler.step_update(epoch * job.steps + prog.step)
+        if prog.step % log_every and prog.step < job.steps:
+            continue
+        # the check: one gather and one trigger all-reduce per log_every steps, never per step
+        gathered = acc.gather(torch.stack([loss_sum, first_bad.to(torch.float64)])[None]).cpu()
+        totals["loss_sum"] = float(gathered[:, 0].mean())
+        bad = [int(b) for b in gathered[:, 1] if b >= 0]
+        if bad:
+            prog.train_seconds += time.perf_counter() - t0
+            return {"epoch": epoch + 1, "step": min(bad)}
+        acc.print(
+            f"[{job.tag}] epoch {epoch + 1} step {prog.step}/{job.steps} "
+            f"loss {totals['loss_sum'] / totals['n_loss']:.4f}"
+        )
+        if stop.signum is not None:
+            acc.set_trigger()
+        if acc.check_trigger():
+            _save_and_exit(job, stop, time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    totals["seconds"] += elapsed
+    prog.train_seconds += elapsed
+    return None
+
+
+def _save_and_exit(job: Job, stop: _StopSignal, elapsed: float) -> None:
+    prog = job.progress
+    prog.epoch_acc["seconds"] += elapsed
+    prog.train_seconds += elapsed
+    save_state(job)
+    why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another process"
+    job.accelerator.print(
+        f"[{job.tag}] got {why}: saved state at epoch {prog.epoch + 1} step {prog.step}; "
+        f"exiting {EXIT_PREEMPTED} so a retry resumes"
+    )
+    sys.exit(EXIT_PREEMPTED)
+
+
+def save_state(job: Job) -> None:
+    prog = job.progress
+    checkpoint.save(job.accelerator, job.out, {"run": identity(job), "epoch": prog.epoch, "step": prog.step})
+
+
+def end_epoch(job: Job) -> None:
+    """Validate, add the epoch's history row, step the schedule and save the state for a resume."""
+    prog = job.progress
+    epoch, totals = prog.epoch, prog.epoch_acc
+    t0 = time.perf_counter()
+    metrics = evaluate(job.model, job.val_loader, job.losses[1], job.accelerator, job.tcfg.get("channels_last"))
+    prog.val_seconds += time.perf_counter() - t0
+    seconds = totals["seconds"]  # the whole epoch, also across a resume
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": totals["loss_sum"] / max(totals["n_loss"], 1),
+        **metrics,
+        "lr": job.optimizer.param_groups[0]["lr"],
+        "images_per_s": totals["seen"] / seconds if seconds > 0 else float("nan"),
+        "seconds": seconds,
+    }
+    prog.history.append(row)
+    prog.epoch, prog.step, prog.epoch_acc = epoch + 1, 0, Progress.fresh_acc()
+    if job.scheduler is not None:
+        job.scheduler.step(epoch + 1)
+    job.accelerator.print(
+        f"[{job.tag}] epoch {epoch + 1}/{job.epochs} loss {row['train_loss']:.4f} val top1 {row['top1']:.2f} "
+        f"top5 {row['top5']:.2f} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s {seconds:.1f}s"
+    )
+    if prog.epoch < job.epochs:
+        save_state(job)
 
 
 def evaluate(model, loader, loss_fn, accelerator: Accelerator, channels_last: bool) -> dict[str, float]:
-    """Top-1/top-5 and loss on the held-out validation set."""
+    """Top-1/top-5 and loss over the whole held-out validation set (``gather_for_metrics`` drops the padding)."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)
+    totals, n = torch.zeros(3, dtype=torch.float64, device=accelerator.device), 0
     with torch.inference_mode():
         for images, targets in loader:
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images).float()
             logits, targets = accelerator.gather_for_metrics((logits, targets))
-            top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
-            n = targets.shape[0]
-            totals += torch.tensor([loss_fn(logits, targets).item() * n, top1.item() * n, top5.item() * n, n])
-    n = max(totals[3].item(), 1)
-    return {"val_loss": totals[0].item() / n, "top1": totals[1].item() / n, "top5": totals[2].item() / n}
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == targets[:, None]
+            loss = loss_fn(logits, targets).double() * targets.shape[0]
+            totals += torch.stack([loss, hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+            n += targets.shape[0]
+    loss_sum, top1, top5 = totals.tolist()  # the one host read of the evaluation
+    n = max(n, 1)
+    return {"val_loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
 
 
-def _accelerator(tcfg: dict[str, Any]) -> Accelerator:
-    precision = tcfg.get("precision", "no")
-    cpu = tcfg.get("device") == "cpu" or not torch.cuda.is_available()
-    if precision == "fp16" and cpu:
-        raise LcnnError("train.precision is fp16 but there is no GPU; use bf16 or no on the CPU")
-    # The seedable sampler shuffles with seed + epoch, so a resumed epoch sees the same order.
-    return Accelerator(
-        mixed_precision=precision, cpu=cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
-    )
-
-
-def _finish(cfg, out: Path, accelerator, model, state, diverged, img_size: int, num_classes: int) -> dict[str, Any]:
-    """Write weights, history, resolved config, environment and (last) metrics.json, all atomically."""
-    history = state["history"]
+def finish(job: Job, diverged: dict[str, int] | None) -> dict[str, Any]:
+    """Write weights, history, resolved config, environment and (last) metrics.json, all atomically, on rank 0."""
+    cfg, acc, prog = job.cfg, job.accelerator, job.progress
+    history = prog.history
     best = max(history, key=lambda r: r["top1"]) if history else None
-    cuda = accelerator.device.type == "cuda"
+    cuda = acc.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     env = environment()
+    seconds = prog.train_seconds + prog.val_seconds
     metrics = {
         "model": cfg["model"],
         "timm_name": cfg["timm_name"],
@@ -292,30 +407,48 @@ def _finish(cfg, out: Path, accelerator, model, state, diverged, img_size: int, 
         "epochs_completed": len(history),
         "train_images": _dataset_size(cfg, "train"),
         "val_images": _dataset_size(cfg, "val"),
-        "train_seconds": state["train_seconds"],
+        "train_seconds": prog.train_seconds,
+        "val_seconds": prog.val_seconds,
         "device": env["device_name"],
-        "device_type": accelerator.device.type,
-        "num_devices": accelerator.num_processes,
-        "device_hours": state["train_seconds"] * accelerator.num_processes / 3600,
+        "device_type": acc.device.type,
+        "num_devices": acc.num_processes,
+        "device_hours": seconds * acc.num_processes / 3600,  # training and validation: what the study cost
         "peak_mem_mb": peak,
-        "params": models.count_params(model),
-        "img_size": img_size,
-        "num_classes": num_classes,
+        "params": models.count_params(job.model),
+        "img_size": job.img_size,
+        "num_classes": job.num_classes,
         "slurm_job_id": env["slurm_job_id"],
         "diverged_at": diverged,
     }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out = job.out
         models.save_weights(
-            accelerator.unwrap_model(model),
+            acc.unwrap_model(job.model),
             out / "model.safetensors",
-            metadata={"timm_name": cfg["timm_name"], "num_classes": str(num_classes)},
+            metadata={"timm_name": cfg["timm_name"], "num_classes": str(job.num_classes)},
         )
         atomic_write_text(out / "history.csv", _history_csv(history))
-        atomic_write_json(out / "config.json", {**cfg, "img_size": img_size, "num_classes": num_classes})
+        atomic_write_json(out / "config.json", {**cfg, "img_size": job.img_size, "num_classes": job.num_classes})
         atomic_write_json(out / "env.json", env)
         atomic_write_json(out / "metrics.json", metrics)
+    acc.wait_for_everyone()
     return metrics
+
+
+def hand_off(job: Job, diverged: dict[str, int] | None) -> None:
+    """A halving rung that stopped early hands its state on; a finished run frees it (unless keep_checkpoint)."""
+    cfg, acc = job.cfg, job.accelerator
+    if not acc.is_main_process:
+        return
+    stopped_early = diverged is None and job.progress.epoch < job.epochs
+    if stopped_early and cfg.get("handoff_dir"):
+        checkpoint.move(job.out, cfg["handoff_dir"])  # where the next rung goes on from; a rerun starts over
+    if not job.tcfg.get("keep_checkpoint"):
+        if not stopped_early:
+            checkpoint.remove(job.out)
+        if cfg.get("init_state"):  # the previous rung's state, now carried on into this rung's outputs
+            checkpoint.remove(cfg["init_state"])
 
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s", "seconds"]
@@ -338,13 +471,17 @@ def _dataset_size(cfg: dict[str, Any], split: str) -> int:
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train one lcnn run (model x variant x seed).")
-    parser.add_argument("--run-json", required=True, help="resolved run config (lcnn.config.run_config) as JSON")
+    parser.add_argument("--run-json", required=True, help="the run's recipe (lcnn.config.run_recipe) or full config")
+    parser.add_argument("--exec-json", help="execution settings shared by every job (lcnn.config.run_execution)")
     parser.add_argument("--out-dir", required=True, help="run folder: runs/{model}/{variant}/seed{seed}")
     args = parser.parse_args(argv)
     cfg = json_arg(args.run_json, "--run-json")
+    if args.exec_json:
+        cfg = merge_run(cfg, json_arg(args.exec_json, "--exec-json"))
     cfg["out_dir"] = args.out_dir
     metrics = run(cfg)
-    print(json.dumps({k: metrics[k] for k in ("model", "variant", "seed", "status", "top1", "top5")}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: metrics[k] for k in ("model", "variant", "seed", "status", "top1", "top5")}))
 
 
 if __name__ == "__main__":

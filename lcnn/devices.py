@@ -1,0 +1,77 @@
+"""Which device a job runs on, decided once and never silently: a job that was given GPUs trains on them or stops.
+
+A PyTorch build whose CUDA does not match the node's driver makes ``torch.cuda.is_available()`` false without an
+error; a job that then "falls back" to the CPU burns its whole time limit in bf16 on the CPU. This module turns that
+into a one-line error naming torch's CUDA build, the driver and what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from lcnn.utils import LcnnError
+
+# what SLURM and the CUDA runtime set when a job was given GPUs (SLURM sets them for --gpus and --gres)
+GPU_ENV_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS")
+# the pip index of each CUDA build; the README's cluster section says which to pick for a driver
+_GPU_COUNT_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS")  # counts ("2", "a100:2"); the others list GPU indices
+TORCH_CUDA_HELP = "pip install torch --index-url https://download.pytorch.org/whl/cu126 (a build your driver supports)"
+
+
+def gpus_assigned(environ: dict[str, str] | None = None) -> str | None:
+    """The first variable saying this job was given GPUs, as ``NAME=value``, or None."""
+    environ = os.environ if environ is None else environ
+    for name in GPU_ENV_VARS:
+        value = environ.get(name, "").strip()
+        if not value or value in ("-1", "NoDevFiles"):  # unset, or set to hide every GPU
+            continue
+        if name in _GPU_COUNT_VARS and value.rsplit(":", 1)[-1] == "0":  # a count of zero GPUs
+            continue
+        return f"{name}={value}"
+    return None
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version as nvidia-smi reports it, or None where there is no nvidia-smi or it fails."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def resolve(setting: str, key: str) -> str:
+    """``"cuda"`` or ``"cpu"`` for a ``device`` setting of ``auto``, ``cuda`` or ``cpu`` (``key`` names it in errors).
+
+    ``auto`` means the GPU when this job has one. A job that was given GPUs (SLURM or ``CUDA_VISIBLE_DEVICES``) but
+    in which torch sees none stops here, as does ``cuda`` without CUDA; ``cpu`` is always honoured.
+    """
+    if setting == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    assigned = gpus_assigned()
+    if setting == "cuda" or assigned:
+        why = f"this job was given GPUs ({assigned})" if assigned else f"{key} is cuda"
+        build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}" if torch.version.cuda else None
+        build = build or f"torch {torch.__version__} is a CPU-only build"
+        driver = nvidia_driver()
+        seen = f"NVIDIA driver {driver}" if driver else "no working nvidia-smi on this node"
+        raise LcnnError(
+            f"{why} but torch sees no GPU ({build}; {seen}); install a torch build for this driver, e.g. "
+            f"{TORCH_CUDA_HELP}, check it with `srun --gpus=1 python -c "
+            f"'import torch; print(torch.cuda.is_available())'`, or set {key}: cpu to run on the CPU on purpose"
+        )
+    return "cpu"

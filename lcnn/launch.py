@@ -1,0 +1,79 @@
+"""Start one training job: plain ``python -m lcnn.train`` on one device, ``torchrun --standalone`` across several.
+
+The train rules ``exec`` this launcher, so it is the process SLURM and Snakemake see. It imports no torch (a job
+starts fast), picks the launcher explicitly (a user's ``accelerate config`` file cannot change it), gives every
+multi-process job its own free rendezvous port (two jobs on one node never collide), and when the trainer dies by a
+signal (a segfault, the OOM killer) it says so as the log's last line, so a retry is never a mystery.
+
+Signals: SLURM (``--signal=TERM@120``, ``scancel``) and a terminal's Ctrl-C signal the whole process group, so the
+trainer receives them itself; the launcher only outlives them to report how the trainer ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+
+# a trainer saves its state within this many seconds of SIGTERM (profiles/slurm signals 120 s before the limit);
+# torchrun waits this long before it SIGKILLs its workers
+SHUTDOWN_TIMEOUT_S = 100
+_FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def command(nproc: int, train_args: list[str]) -> list[str]:
+    """The trainer's command line for ``nproc`` processes on this node."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "lcnn.train", *train_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",  # torchrun: one node, a free port (c10d on localhost:0), no accelerate config file
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        f"--shutdown_timeout={SHUTDOWN_TIMEOUT_S}",
+        "-m",
+        "lcnn.train",
+        *train_args,
+    ]
+
+
+def run(cfg: dict) -> dict:
+    """Run the trainer to its end; return its exit status and, when a signal ended it, the signal's name."""
+    cmd = command(int(cfg["nproc"]), list(cfg["train_args"]))
+    for sig in _FORWARDED:  # the process group delivers it to the trainer; stay alive to report the outcome
+        signal.signal(sig, lambda *_: None)
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd)
+    code = proc.wait()
+    result = {"returncode": code, "signal": None, "seconds": time.monotonic() - start}
+    if code < 0:
+        result["signal"] = signal.Signals(-code).name
+        print(
+            f"lcnn launch: the trainer (pid {proc.pid}) died by {result['signal']} after {result['seconds']:.0f} s "
+            "without saving its state; a retry resumes from the last saved epoch",
+            file=sys.stderr,
+            flush=True,
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Launch lcnn.train on one or several devices of this node.",
+        usage="python -m lcnn.launch --nproc N -- <lcnn.train arguments>",
+    )
+    parser.add_argument("--nproc", type=int, default=1, help="training processes (one per GPU of the job)")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for lcnn.train, after --")
+    args = parser.parse_args(argv)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    result = run({"nproc": args.nproc, "train_args": train_args})
+    code = result["returncode"]
+    sys.exit(128 - code if code < 0 else code)  # a shell's convention: 128 + signal number
+
+
+if __name__ == "__main__":
+    main()
