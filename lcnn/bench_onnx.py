@@ -1,4 +1,4 @@
-"""Edge path of lcnn.benchmark: ONNX export, ONNX Runtime (CPU) timing at batch 1, optional int8 quantization.
+"""Edge path of lcnn.benchmark: ONNX export, ONNX Runtime (CPU) timing at batch 1, and int8 quantization.
 
 Why these choices:
 
@@ -9,11 +9,14 @@ Why these choices:
   beyond REL_TOL is not timed (its row says why) instead of producing a fast-but-wrong number.
 * ``onnx_vs_eager_speedup_b1`` compares like with like: eager PyTorch fp32, NCHW, batch 1 on the CPU with
   ``torch.set_num_threads(onnx_threads)`` against ORT with ``intra_op_num_threads = onnx_threads``, both p50.
-  The eager number is taken from the sweep when that row ran on the CPU at the same thread count, else timed
-  here (``onnx_eager_b1_source`` says which).
-* int8 (``quantize_dynamic``, QInt8 weights) changes results, so it is judged by agreement, not by a
-  tolerance: argmax agreement and max |diff| against ORT fp32 on random inputs, or, with a validation
-  manifest, the top-1 of both on real images (timm's eval transform at the benchmark resolution).
+* int8 comes in two forms, each its own row. **static**: ``quantize_static`` in QDQ format, weights per channel,
+  activation ranges calibrated (MinMax) on up to CALIB_IMAGES validation images that are not among the evaluated
+  ones; ORT fuses the QDQ pairs into integer kernels, which is what makes int8 faster. It needs a validation
+  manifest. **dynamic**: ``quantize_dynamic`` (weights int8, activations quantized at run time); its convolutions
+  become ConvInteger, which ORT runs slowly, so on CNNs it is usually slower than fp32.
+* int8 changes results, so it is judged by agreement, not by a tolerance: with a validation manifest, the top-1 of
+  ORT fp32 and of each int8 form on the same ``val_limit`` images (``onnx_int8_<form>_top1_change``); without one,
+  argmax agreement and max |diff| against ORT fp32 on random inputs. Non-finite outputs make the row "nan".
 """
 
 from __future__ import annotations
@@ -31,22 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lcnn.benchmark import (
-    REL_TOL,
-    MemProbe,
-    _error_text,
-    _log,
-    bench_torch,
-    make_input,
-    make_row,
-    measure,
-    progress_line,
-    summarize,
-)
+from lcnn import timing
+from lcnn.timing import REL_TOL, MemProbe, error_text, log, make_input, make_row, progress_line
 
 OPSET = 17
 N_CHECK_INPUTS = 4  # batch-1 inputs compared between eager and ORT fp32
 N_AGREE_INPUTS = 32  # random inputs for the int8 agreement check when there is no validation manifest
+CALIB_IMAGES = 64  # validation images that calibrate static int8's activation ranges
+EVAL_BATCH = 16  # images per ORT call in the int8 top-1 check (the batch axis is dynamic)
 
 
 def export_onnx(model: nn.Module, img_size: int, path: Path) -> str:
@@ -59,15 +54,22 @@ def export_onnx(model: nn.Module, img_size: int, path: Path) -> str:
             kwargs["external_data"] = False
         else:
             kwargs["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
-        sink = io.StringIO()  # both exporters print progress and (recoverable) tracebacks
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                warnings.simplefilter("ignore")
+            with _quiet():
                 torch.onnx.export(model, (x,), str(path), dynamo=dynamo, **kwargs)
             return "dynamo" if dynamo else "torchscript"
         except Exception as err:  # try the other exporter, then report both failures
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {_error_text(err)}")
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {error_text(err)}")
     raise RuntimeError("ONNX export failed: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Exporters and quantizers print progress and (recoverable) tracebacks; keep the benchmark log readable."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def ort_session(path: Path, threads: int):
@@ -83,7 +85,7 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _run(session, x: np.ndarray) -> np.ndarray:
+def run_session(session, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
@@ -97,19 +99,23 @@ def compare_eager(model: nn.Module, session, img_size: int) -> tuple[float, floa
     with torch.inference_mode():
         for x in _inputs(img_size, N_CHECK_INPUTS):
             ref = model(torch.from_numpy(x)).float().numpy()
-            abs_diff = max(abs_diff, float(np.abs(ref - _run(session, x)).max()))
+            abs_diff = max(abs_diff, float(np.abs(ref - run_session(session, x)).max()))
             scale = max(scale, float(np.abs(ref).max()))
     return abs_diff, abs_diff / scale
 
 
-def time_ort(session, form: str, precision: str, img_size: int, settings: dict, probe: MemProbe) -> dict:
+def time_ort(session, form: str, precision: str, img_size: int, settings: dict, probe: MemProbe, **fields) -> dict:
+    """Time ``session`` at batch 1 on a fixed input; an "ok" row with ``fields`` (e.g. its agreement)."""
     x = _inputs(img_size, 1)[0]
     probe.reset()
-    timing = measure(
-        lambda: _run(session, x), warmup=settings["warmup"], iters=settings["iters"], budget_s=settings["time_budget_s"]
+    timing_ = timing.measure(
+        lambda: run_session(session, x),
+        warmup=settings["warmup"],
+        iters=settings["iters"],
+        budget_s=settings["time_budget_s"],
     )
-    stats = summarize(timing["latencies_ms"], timing["total_s"], 1)
-    return make_row(**_base(form, precision, settings), **stats, peak_mem_mb=probe.peak_mb(), status="ok")
+    stats = timing.latency_stats(timing_["latencies_ms"], timing_["total_s"], 1)
+    return make_row(**_base(form, precision, settings), **stats, **fields, peak_mem_mb=probe.peak_mb(), status="ok")
 
 
 def _base(form: str, precision: str, settings: dict) -> dict[str, Any]:
@@ -134,7 +140,7 @@ def eager_b1(model: nn.Module, deploy_form: str, img_size: int, settings: dict, 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        stats = bench_torch(
+        stats = timing.time_torch(
             model, device=torch.device("cpu"), precision="fp32", channels_last=False, batch=1,
             img_size=img_size, settings=settings, probe=probe,
         )  # fmt: skip
@@ -146,7 +152,7 @@ def eager_b1(model: nn.Module, deploy_form: str, img_size: int, settings: dict, 
 def onnx_section(
     model: nn.Module, *, deploy_form: str, img_size: int, settings: dict, sweep_rows: list, probe: MemProbe
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (form "onnx", "onnx_int8") and checks of the ONNX Runtime path; failures become rows."""
+    """Rows (form "onnx", "onnx_int8_static", "onnx_int8_dynamic") and checks of the ONNX Runtime path."""
     cpu = torch.device("cpu")
     cpu_probe = MemProbe(cpu, probe.baseline if probe.device.type == "cpu" else None)
     model = copy.deepcopy(model).to(cpu).float().eval().to(memory_format=torch.contiguous_format)
@@ -161,8 +167,8 @@ def onnx_section(
             session = ort_session(fp32_path, settings["onnx_threads"])
             abs_diff, rel_diff = compare_eager(model, session, img_size)
         except Exception as err:  # export/runtime failure: record it, keep the torch rows
-            rows.append(make_row(**_base("onnx", "fp32", settings), status="error", error=_error_text(err)))
-            _log(progress_line(rows[-1]), quiet)
+            rows.append(make_row(**_base("onnx", "fp32", settings), status="error", error=error_text(err)))
+            log(progress_line(rows[-1]), quiet)
             return rows, checks
         checks.update(onnx_max_abs_diff=abs_diff, onnx_rel_diff=rel_diff, onnx_ok=rel_diff <= REL_TOL)
         if settings["onnx_out"]:
@@ -179,67 +185,121 @@ def onnx_section(
                 checks["onnx_ort_b1_p50_ms"] = rows[-1]["latency_ms_p50"]
                 checks["onnx_vs_eager_speedup_b1"] = eager_p50 / rows[-1]["latency_ms_p50"]
             except Exception as err:
-                rows.append(make_row(**_base("onnx", "fp32", settings), status="error", error=_error_text(err)))
-        _log(progress_line(rows[-1]), quiet)
+                rows.append(make_row(**_base("onnx", "fp32", settings), status="error", error=error_text(err)))
+        log(progress_line(rows[-1]), quiet)
         if settings["onnx_int8"]:
-            rows.append(_int8(fp32_path, session, model, img_size, settings, cpu_probe, checks))
-            _log(progress_line(rows[-1]), quiet)
+            for row in int8_rows(fp32_path, session, model, img_size, settings, cpu_probe, checks):
+                rows.append(row)
+                log(progress_line(row), quiet)
     return rows, checks
 
 
-def _int8(fp32_path: Path, fp32_session, model: nn.Module, img_size: int, settings, probe, checks) -> dict:
-    """Dynamic int8 quantization: time it and record how far its predictions move from fp32."""
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+class _Calibration:
+    """The CalibrationDataReader protocol over fixed image batches (ORT calls get_next until it returns None)."""
 
-        pre_path, int8_path = fp32_path.with_name("model.pre.onnx"), fp32_path.with_name("model.int8.onnx")
-        sink = io.StringIO()
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
+    def __init__(self, input_name: str, batches: list[np.ndarray]):
+        self._feeds = iter([{input_name: x} for x in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+class Int8Data:
+    """The images int8 is calibrated and judged on: validation images (disjoint when the manifest allows it)."""
+
+    def __init__(self, model: nn.Module, img_size: int, settings: dict):
+        self.labels: np.ndarray | None = None
+        self.calib: list[np.ndarray] = []
+        if not settings["val_manifest"]:
+            self.eval = _inputs(img_size, N_AGREE_INPUTS)
+            self.text = f"argmax agreement with ORT fp32 on {N_AGREE_INPUTS} random inputs (no accuracy)"
+            return
+        dataset = timing.val_images(settings["val_manifest"], img_size, model)
+        eval_idx = timing.val_indices(len(dataset), settings["val_limit"])
+        rest = np.setdiff1d(np.arange(len(dataset)), eval_idx)
+        calib_idx = rest[timing.val_indices(len(rest), CALIB_IMAGES)] if len(rest) else eval_idx[:CALIB_IMAGES]
+        batches = timing.image_batches(dataset, eval_idx, EVAL_BATCH)
+        self.eval = [x.numpy() for x, _ in batches]
+        self.labels = np.concatenate([y.numpy() for _, y in batches])
+        self.calib = [x.numpy() for x, _ in timing.image_batches(dataset, calib_idx, 8)]
+        overlap = "disjoint from them" if len(rest) else "the same images: the manifest has no others"
+        self.text = (
+            f"top-1 on {len(eval_idx)} images of {settings['val_manifest']} (timm eval transform); static int8 "
+            f"calibrated on {len(calib_idx)} validation images, {overlap}"
+        )
+
+    def logits(self, session) -> np.ndarray:
+        return np.concatenate([run_session(session, x) for x in self.eval])
+
+
+def quantize(form: str, pre_path: Path, out: Path, calib: list[np.ndarray]) -> None:
+    """Write the ``form`` ("static" or "dynamic") int8 model of the pre-processed fp32 model."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with _quiet():
+        if form == "dynamic":
+            quantize_dynamic(str(pre_path), str(out), weight_type=QuantType.QInt8)
+            return
+        if not calib:
+            raise ValueError("static int8 needs validation images to calibrate on; pass --val-manifest")
+        import onnx
+
+        name = onnx.load(str(pre_path), load_external_data=False).graph.input[0].name
+        quantize_static(
+            str(pre_path), str(out), _Calibration(name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        )  # fmt: skip
+
+
+def int8_rows(fp32_path: Path, fp32_session, model: nn.Module, img_size: int, settings, probe, checks) -> list:
+    """One row per int8 form in ``settings['onnx_int8']``; each form's agreement with ORT fp32 goes in ``checks``."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    rows = []
+    try:
+        data = Int8Data(model, img_size, settings)
+        pre_path = fp32_path.with_name("model.pre.onnx")
+        with _quiet():
             # ORT's recommended pre-processing (shape inference + graph optimization); without it weights that the
             # exporter left behind shared/folded nodes are not seen as initializers and quantization fails
             quant_pre_process(str(fp32_path), str(pre_path))
-            quantize_dynamic(str(pre_path), str(int8_path), weight_type=QuantType.QInt8)
-        session = ort_session(int8_path, settings["onnx_threads"])
-        if settings["val_manifest"]:
-            checks.update(_val_top1(fp32_session, session, model, img_size, settings))
-        else:
-            outs = [(_run(fp32_session, x), _run(session, x)) for x in _inputs(img_size, N_AGREE_INPUTS)]
-            agree = np.mean([a.argmax(-1)[0] == b.argmax(-1)[0] for a, b in outs])
-            checks.update(
-                onnx_int8_max_abs_diff=max(float(np.abs(a - b).max()) for a, b in outs),
-                onnx_int8_top1_agreement=float(agree),
-                onnx_int8_check=f"argmax agreement with ORT fp32 on {N_AGREE_INPUTS} random inputs (no accuracy)",
-            )
-        return time_ort(session, "onnx_int8", "int8", img_size, settings, probe)
+        ref = data.logits(fp32_session)
     except Exception as err:
-        return make_row(**_base("onnx_int8", "int8", settings), status="error", error=_error_text(err))
+        error = error_text(err)
+        return [
+            make_row(**_base(f"onnx_int8_{f}", "int8", settings), status="error", error=error)
+            for f in settings["onnx_int8"]
+        ]
+    checks["onnx_int8_check"] = data.text
+    if data.labels is not None:
+        checks["onnx_fp32_top1"] = float((ref.argmax(-1) == data.labels).mean() * 100)
+    for form in settings["onnx_int8"]:
+        base = _base(f"onnx_int8_{form}", "int8", settings)
+        try:
+            path = fp32_path.with_name(f"model.int8.{form}.onnx")
+            quantize(form, pre_path, path, data.calib)
+            session = ort_session(path, settings["onnx_threads"])
+            out = data.logits(session)
+            agreement = _agreement(out, ref)
+            checks.update({f"onnx_int8_{form}_{k}": v for k, v in agreement.items()})
+            if data.labels is not None:
+                top1 = float((out.argmax(-1) == data.labels).mean() * 100)
+                checks.update({f"onnx_int8_{form}_top1": top1})
+                checks[f"onnx_int8_{form}_top1_change"] = top1 - checks["onnx_fp32_top1"]
+            if not np.isfinite(agreement["fp32_max_abs_diff"]):
+                rows.append(make_row(**base, **agreement, status="nan", error="int8 outputs are not finite; not timed"))
+                continue
+            rows.append(time_ort(session, base["form"], "int8", img_size, settings, probe, **agreement))
+        except Exception as err:
+            rows.append(make_row(**base, status="error", error=error_text(err)))
+    return rows
 
 
-def _val_top1(fp32_session, int8_session, model: nn.Module, img_size: int, settings: dict) -> dict[str, Any]:
-    """Top-1 of ORT fp32 and int8 on up to val_limit manifest images, and how often they agree."""
-    from timm.data import create_transform, resolve_data_config
-
-    from lcnn.data import ManifestDataset
-
-    data_cfg = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
-    dataset = ManifestDataset(settings["val_manifest"], transform=create_transform(**data_cfg, is_training=False))
-    # evenly spaced indices: manifests are sorted by class, so the first N images would cover few classes
-    indices = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), settings["val_limit"])).astype(int))
-    n = len(indices)
-    hits, agree = np.zeros(2), 0
-    for i in indices:
-        image, label = dataset[int(i)]
-        x = image.unsqueeze(0).numpy()
-        preds = [int(_run(s, x).argmax(-1)[0]) for s in (fp32_session, int8_session)]
-        hits += [p == label for p in preds]
-        agree += preds[0] == preds[1]
-    top1 = hits / max(n, 1) * 100
+def _agreement(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Row fields: how far int8 logits are from ORT fp32's on the same images."""
+    abs_diff = float(np.abs(out - ref).max()) if np.isfinite(out).all() else float("nan")
     return {
-        "onnx_fp32_top1": float(top1[0]),
-        "onnx_int8_top1": float(top1[1]),
-        "onnx_int8_top1_change": float(top1[1] - top1[0]),
-        "onnx_int8_top1_agreement": agree / max(n, 1),
-        "onnx_int8_check": f"top-1 on {n} images of {settings['val_manifest']} (timm eval transform)",
+        "fp32_max_abs_diff": abs_diff,
+        "fp32_rel_diff": abs_diff / max(float(np.abs(ref).max()), 1e-12),
+        "fp32_top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
     }

@@ -2,34 +2,30 @@
 
 Why it is built this way (what a deployment engineer needs to trust the numbers):
 
-* Every timed iteration is timed on its own, so ``latency_ms_p50/p90/p99`` are real per-batch latencies, not
-  ``1000 / throughput``. On the GPU each iteration is bracketed by CUDA events and synchronized, so no queued
-  asynchronous work escapes the clock. ``throughput_ips = batch * iters / wall time of the timed loop``.
-* Warm-up iterations run first, untimed (oneDNN/cuDNN algorithm selection, allocator growth, torch.compile).
-  Warm-up and timing each stop at their count or ``time_budget_s``, whichever comes first (at least
-  MIN_WARMUP / MIN_ITERS iterations), so a configuration takes at most about 2 x budget plus one iteration;
-  the row's ``iters`` says how many were timed.
+* Timing, memory and row shape come from :mod:`lcnn.timing`, shared with the ONNX path: per-batch latencies
+  (CUDA events on the GPU), warm-up and a time budget per configuration; the row's ``iters`` says how many ran.
 * Precisions are autocast dtypes (fp32 weights, activations in fp16/bf16). fp16 on the CPU is recorded as
   "unsupported" rather than timed through slow fallback kernels.
-* ``peak_mem_mb``: GPU = ``torch.cuda.max_memory_allocated`` during the configuration (weights + activations +
-  workspaces). CPU = peak resident set size during the configuration (Linux ``VmHWM``, reset through
-  ``/proc/self/clear_refs`` before it) minus the process RSS before the model was built (:func:`run`; for
-  :func:`benchmark_model` without ``rss_baseline_mb``: the RSS at its start, weights excluded). It includes allocator
-  caches kept from earlier configurations, so it is an upper-side estimate; ``None`` where the kernel does not
-  allow the reset.
-* An out-of-memory batch becomes an "oom" row (memory is freed, larger batches of that configuration are
-  recorded as "oom" without running); any other exception becomes an "error" row; the sweep goes on and the
-  JSON is always written.
-* Deployment forms: "trained" (as trained), "reparam" (``timm.utils.model.reparameterize_model`` when it
-  changes the model: RepVGG, MobileOne, FastViT, TinyViT's conv-bn), "compiled" (``torch.compile``), and the
-  ONNX Runtime edge path (lcnn.bench_onnx). A form whose outputs drift from the trained model beyond
-  ``REL_TOL`` is not timed; its rows say why.
+* **Numerics before speed.** Every fp16/bf16 configuration, and every compiled one, is first run on the check
+  inputs (up to ``CHECK_IMAGES`` validation images when a manifest is given, else a fixed random batch) and
+  compared with the trained model in exact fp32 (TF32 off): ``fp32_max_abs_diff``, ``fp32_rel_diff`` (over the
+  largest fp32 logit) and ``fp32_top1_agreement``. Outputs that are not finite make the configuration's rows
+  "nan"; a relative error above ``HALF_REL_TOL`` (``REL_TOL`` for compiled fp32), or, on validation images, top-1
+  agreement below ``MIN_AGREEMENT``, makes them "mismatch". Neither is timed.
+* ``peak_mem_mb``: GPU = ``torch.cuda.max_memory_allocated`` during the configuration; CPU = peak RSS minus the
+  process RSS before the model was built (:func:`run`), an upper-side estimate (see :class:`lcnn.timing.MemProbe`).
+* An out-of-memory batch (``torch.cuda.OutOfMemoryError``, or a CPU allocator's RuntimeError/MemoryError) becomes
+  an "oom" row: memory is freed, larger batches of that configuration are recorded as "oom" without running, and
+  the next configuration starts again from the smallest batch. Any other exception becomes an "error" row; the
+  sweep goes on and the JSON is always written.
+* Deployment forms: "trained", "reparam" (``timm.utils.model.reparameterize_model`` when it changes the model:
+  RepVGG, MobileOne, FastViT, TinyViT's conv-bn; checked equal to the trained form with TF32 off, so TF32 noise
+  cannot reject it), "compiled" (``torch.compile``; where no compiler is found, or compiling fails, its rows are
+  "skipped" with the reason), and the ONNX Runtime edge path (lcnn.bench_onnx, with static and dynamic int8).
 
-Output beyond the contract: rows also carry ``latency_ms_max`` and ``threads`` (torch intra-op threads, or ORT's);
-the top level adds ``weights``, ``device``, ``forms`` (params/FLOPs per form), ``settings`` (resolved, plus TF32/
-cuDNN flags), ``host_load_avg_1m`` and ``host_other_cpu_share``: the fraction of the host's CPU time other processes
-used during the run (from /proc/stat minus this process's CPU time). With threads = cores, even a little other
-work stalls every parallel region; CPU timings from a run with a share above a few percent are not trustworthy.
+Defaults are the schema's (``schemas/config.schema.yaml``, section ``benchmark``): the standalone CLI and the
+Snakemake rule resolve the same settings. The top level also records ``host_other_cpu_share``: the fraction of the
+host's CPU time other processes used during the run; CPU timings above a few percent are not trustworthy.
 
 ``python -m lcnn.benchmark --timm-name resnet18 --num-classes 10`` benchmarks a random-init timm model.
 """
@@ -38,165 +34,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import os
-import sys
-import time
+import importlib.util
+import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from lcnn import timing
+from lcnn.config import schema_defaults, validate_section
+from lcnn.timing import REL_TOL, MemProbe, error_text, exact_fp32, log, make_input, make_row, progress_line
 from lcnn.utils import LcnnError, atomic_write_json, cli, environment, json_arg, read_json
 
-ROW_KEYS = (
-    "form", "engine", "device", "precision", "channels_last", "batch_size", "status", "error",
-    "latency_ms_mean", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_max",
-    "throughput_ips", "peak_mem_mb", "iters", "threads",
-)  # fmt: skip
 PRECISIONS = ("fp32", "fp16", "bf16")
-MIN_ITERS = 5  # fewest timed iterations a row may have, whatever the time budget
-MIN_WARMUP = 2  # fewest warm-up iterations when the warm-up hits the time budget
-REL_TOL = 1e-3  # max |diff| / max |reference output| accepted for a deployment form
-SEED = 0
-DEFAULTS: dict[str, Any] = {  # standalone defaults; the Snakemake rule passes config.yaml's benchmark section
-    "device": "auto", "batch_sizes": [1, 8, 32], "precisions": ["fp32", "fp16", "bf16"],
-    "channels_last": [False, True], "compile": False, "reparameterize": True, "warmup": 10, "iters": 50,
-    "time_budget_s": 10.0, "img_size": None, "onnx": True, "onnx_threads": 2, "onnx_int8": False,
-    "val_manifest": None, "val_limit": 500, "onnx_out": None, "quiet": False,
-}  # fmt: skip
+INT8_FORMS = ("static", "dynamic")
+HALF_REL_TOL = 0.05  # max |diff| / max |fp32 logit| accepted for an fp16/bf16 configuration
+MIN_AGREEMENT = 0.98  # least top-1 agreement with fp32 on validation images for an fp16/bf16/compiled configuration
+CHECK_IMAGES = 256  # validation images (at most val_limit) in the fp16/bf16/compiled agreement check
+CHECK_BATCHES = 4  # seeded random batches of 2 in that check when there is no validation manifest
 IGNORED_KEYS = {"variant"}  # benchmark-section keys that concern the workflow, not this tool
-
-
-def _log(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def is_oom(err: BaseException) -> bool:
-    """Whether ``err`` means the device (or host) ran out of memory."""
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def _proc_status_mb(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-class MemProbe:
-    """Peak memory of one configuration (see the module docstring for what it means on each device)."""
-
-    def __init__(self, device: torch.device, rss_baseline_mb: float | None = None):
-        self.device = device
-        self.baseline = rss_baseline_mb if rss_baseline_mb is not None else _proc_status_mb("VmRSS")
-        self.can_reset = True
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            self.can_reset = False
-
-    def peak_mb(self) -> float | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        hwm = _proc_status_mb("VmHWM")
-        if not self.can_reset or hwm is None or self.baseline is None:
-            return None
-        return max(hwm - self.baseline, 0.0)
-
-
-def measure(
-    step: Callable[[], Any], *, warmup: int, iters: int, budget_s: float | None, cuda: bool = False
-) -> dict[str, Any]:
-    """Warm up, then time ``step()`` per iteration; return the latency distribution (ms/batch) and wall time.
-
-    Both loops stop at their count or after ``budget_s`` seconds, whichever comes first (at least MIN_WARMUP
-    warm-up and MIN_ITERS timed iterations). On CUDA each iteration is timed with events and synchronized.
-    """
-    start = time.perf_counter()
-    for i in range(warmup):
-        step()
-        if budget_s is not None and i + 1 >= MIN_WARMUP and time.perf_counter() - start >= budget_s:
-            break
-    if cuda:
-        torch.cuda.synchronize()
-    min_iters = min(MIN_ITERS, iters)
-    latencies: list[float] = []
-    start = time.perf_counter()
-    while len(latencies) < iters:
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            step()
-            end.record()
-            end.synchronize()
-            latencies.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            latencies.append((time.perf_counter() - t0) * 1e3)
-        if budget_s is not None and len(latencies) >= min_iters and time.perf_counter() - start >= budget_s:
-            break
-    total_s = time.perf_counter() - start
-    return {"latencies_ms": latencies, "total_s": total_s}
-
-
-def summarize(latencies_ms: list[float], total_s: float, batch: int) -> dict[str, Any]:
-    """Row statistics from per-iteration latencies: mean/p50/p90/p99/max (ms per batch) and images/s."""
-    lat = np.asarray(latencies_ms, dtype=float)
-    p50, p90, p99 = np.percentile(lat, [50, 90, 99])
-    return {
-        "latency_ms_mean": float(lat.mean()),
-        "latency_ms_p50": float(p50),
-        "latency_ms_p90": float(p90),
-        "latency_ms_p99": float(p99),
-        "latency_ms_max": float(lat.max()),
-        "throughput_ips": batch * len(lat) / total_s,
-        "iters": len(lat),
-    }
-
-
-def make_row(**fields: Any) -> dict[str, Any]:
-    """A result row with every key of ROW_KEYS (``None`` where not applicable)."""
-    unknown = set(fields) - set(ROW_KEYS)
-    if unknown:
-        raise ValueError(f"unknown row keys {sorted(unknown)}")
-    return {key: fields.get(key) for key in ROW_KEYS}
-
-
-def progress_line(row: dict[str, Any]) -> str:
-    cl = {True: "on", False: "off", None: "-"}[row["channels_last"]]
-    head = f"[bench] {row['form']:<9} {row['precision']:<4} cl={cl:<3} b={row['batch_size']:<4}"
-    if row["status"] == "ok":
-        return (
-            f"{head} -> p50 {row['latency_ms_p50']:9.2f} ms  mean {row['latency_ms_mean']:9.2f} ms  "
-            f"{row['throughput_ips']:9.1f} img/s  ({row['iters']} it)"
-        )
-    return f"{head} -> {row['status']}: {row['error']}"
-
-
-def make_input(
-    batch: int, img_size: int, device: torch.device, channels_last: bool = False, seed: int = SEED
-) -> torch.Tensor:
-    """A fixed (seeded) random image batch, so every form and engine sees the same input."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, img_size, img_size, generator=gen).to(device)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+RUNTIME_DEFAULTS = {"val_manifest": None, "onnx_out": None, "quiet": False}  # tool settings, not config keys
+DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in schema_defaults("benchmark").items() if k not in IGNORED_KEYS},
+    **RUNTIME_DEFAULTS,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,12 +82,6 @@ def precision_unsupported(precision: str, device: torch.device) -> str | None:
     return None
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -239,7 +96,7 @@ def count_flops(model: nn.Module, img_size: int, device: torch.device) -> int | 
             model(make_input(1, img_size, device))
         return int(counter.get_total_flops())
     except Exception as err:  # an exotic op the counter cannot trace must not stop the benchmark
-        _log(f"[bench] FLOP counting failed: {type(err).__name__}: {err}")
+        log(f"[bench] FLOP counting failed: {type(err).__name__}: {err}")
         return None
 
 
@@ -256,86 +113,81 @@ def reparameterized(model: nn.Module) -> nn.Module | None:
 
 
 def output_diff(reference: nn.Module, other: Callable[[torch.Tensor], Any], img_size: int, device) -> tuple:
-    """(max |diff|, max |diff| / max |reference|) of the outputs on a fixed batch of 2, eval mode, fp32."""
+    """(max |diff|, max |diff| / max |reference|) on a fixed batch of 2, eval mode, exact fp32 (TF32 off)."""
     x = make_input(2, img_size, device)
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_fp32():
         ref = reference(x).float()
         out = torch.as_tensor(other(x)).float().to(ref.device)
     abs_diff = float((ref - out).abs().max())
     return abs_diff, abs_diff / max(float(ref.abs().max()), 1e-12)
 
 
-def _error_text(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+class Reference:
+    """The trained model's exact-fp32 logits on the check inputs; fp16/bf16 and compiled configurations are
+    compared with them before they are timed."""
+
+    def __init__(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], source: str):
+        self.batches, self.source, self.error = batches, source, None
+        self.labelled = all(y is not None for _, y in batches)
+        try:
+            with torch.inference_mode(), exact_fp32():
+                self.logits = [model(x).float() for x, _ in batches]
+        except Exception as err:  # the configurations it would check are then recorded untimed, with this reason
+            self.logits, self.error = [], error_text(err)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, settings: dict, img_size: int, device: torch.device) -> Reference:
+        if settings["val_manifest"]:
+            dataset = timing.val_images(settings["val_manifest"], img_size, model)
+            indices = timing.val_indices(len(dataset), min(settings["val_limit"], CHECK_IMAGES))
+            batches = [(x.to(device), y) for x, y in timing.image_batches(dataset, indices)]
+            return cls(model, batches, f"{len(indices)} images of {settings['val_manifest']} (timm eval transform)")
+        batches = [(make_input(2, img_size, device, seed=timing.SEED + 1 + i), None) for i in range(CHECK_BATCHES)]
+        return cls(model, batches, f"{2 * CHECK_BATCHES} seeded random images (no val manifest: logit error only)")
+
+    def compare(self, module: Callable, precision: str, channels_last: bool, device: torch.device) -> dict:
+        """Agreement of ``module`` at ``precision`` with the reference, as row fields."""
+        abs_diff, scale, same, n, finite = 0.0, 1e-12, 0, 0, True
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        with torch.inference_mode(), timing.autocast(precision, device), exact_fp32():
+            for (x, _), ref in zip(self.batches, self.logits, strict=True):
+                out = module(x.contiguous(memory_format=fmt)).float()
+                finite = finite and bool(torch.isfinite(out).all())
+                abs_diff = max(abs_diff, float((out - ref).abs().max()))
+                scale = max(scale, float(ref.abs().max()))
+                same, n = same + int((out.argmax(-1) == ref.argmax(-1)).sum()), n + len(ref)
+        if not finite:
+            abs_diff = float("nan")
+        return {"fp32_max_abs_diff": abs_diff, "fp32_rel_diff": abs_diff / scale, "fp32_top1_agreement": same / n}
+
+    def verdict(self, agreement: dict, precision: str) -> tuple[str, str] | None:
+        """("nan" | "mismatch", why) when the configuration must not be timed, else None."""
+        if not np.isfinite(agreement["fp32_max_abs_diff"]):
+            return "nan", f"{precision} outputs are not finite on {self.source}; not timed"
+        tol = REL_TOL if precision == "fp32" else HALF_REL_TOL
+        if agreement["fp32_rel_diff"] > tol:
+            why = f"{precision} logits differ from fp32 (rel diff {agreement['fp32_rel_diff']:.2e} > {tol})"
+            return "mismatch", f"{why} on {self.source}; not timed"
+        if self.labelled and agreement["fp32_top1_agreement"] < MIN_AGREEMENT:
+            why = f"{precision} top-1 agrees with fp32 on {agreement['fp32_top1_agreement']:.1%} of {self.source}"
+            return "mismatch", f"{why} (< {MIN_AGREEMENT:.0%}); not timed"
+        return None
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def bench_torch(
-    module: Callable, *, device, precision, channels_last, batch, img_size, settings, probe: MemProbe
-) -> dict[str, Any]:
-    """Time one torch configuration under inference_mode (and autocast) and return its statistics."""
-    x = make_input(batch, img_size, device, channels_last)
-    probe.reset()
-    with torch.inference_mode(), autocast(precision, device):
-        timing = measure(
-            lambda: module(x),
-            warmup=settings["warmup"],
-            iters=settings["iters"],
-            budget_s=settings["time_budget_s"],
-            cuda=device.type == "cuda",
-        )
-    return {**summarize(timing["latencies_ms"], timing["total_s"], batch), "peak_mem_mb": probe.peak_mb()}
-
-
-def sweep_form(
-    form: str, model: nn.Module, settings: dict, device: torch.device, img_size: int, probe: MemProbe,
-    skip_reason: str | None = None, compile_model: bool = False,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """All precision x memory-format x batch-size rows of one form; failures become rows, never exceptions."""
-    rows = []
-    for precision in settings["precisions"]:
-        unsupported = precision_unsupported(precision, device)
-        for cl in settings["channels_last"]:
-            oom_at = None
-            module: Callable = model
-            if not unsupported and not skip_reason:
-                model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-                if compile_model:
-                    module = _compiled(model, len(settings["batch_sizes"]))
-            for batch in settings["batch_sizes"]:
-                base = {"form": form, "engine": "torch", "device": device.type, "precision": precision}
-                base.update(channels_last=cl, batch_size=batch, threads=torch.get_num_threads())
-                if skip_reason or unsupported:
-                    status = "error" if skip_reason else "unsupported"
-                    rows.append(make_row(**base, status=status, error=skip_reason or unsupported))
-                    if batch != settings["batch_sizes"][0]:
-                        continue  # one progress line for the whole configuration
-                elif oom_at is not None:
-                    error = f"skipped: batch {oom_at} already ran out of memory"
-                    rows.append(make_row(**base, status="oom", error=error))
-                else:
-                    failure = None
-                    try:
-                        stats = bench_torch(
-                            module, device=device, precision=precision, channels_last=cl, batch=batch,
-                            img_size=img_size, settings=settings, probe=probe,
-                        )  # fmt: skip
-                        rows.append(make_row(**base, **stats, status="ok"))
-                    except Exception as err:  # one configuration's failure must not lose the others
-                        failure = ("oom" if is_oom(err) else "error", _error_text(err))
-                    if failure:  # outside the except block, so the traceback's tensors can be freed
-                        free_memory(device)
-                        oom_at = batch if failure[0] == "oom" else None
-                        rows.append(make_row(**base, status=failure[0], error=failure[1]))
-                _log(progress_line(rows[-1]), settings["quiet"])
-    model.to(memory_format=torch.contiguous_format)
-    return rows
+def compiler_missing(device: torch.device) -> str | None:
+    """What torch.compile's default backend (inductor) lacks on ``device``, in one line (None when nothing)."""
+    try:
+        import torch._dynamo  # noqa: F401
+        from torch._inductor import config as inductor_config
+    except Exception as err:
+        return f"torch.compile is unavailable in this torch build ({error_text(err)})"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+    if device.type == "cpu":
+        names = [c for c in inductor_config.cpp.cxx if c]
+        if not any(shutil.which(c) for c in names):
+            return f"torch.compile on the CPU needs a C++ compiler; none found (looked for {', '.join(names)}; set CXX)"
+    return None
 
 
 def _compiled(model: nn.Module, n_shapes: int) -> Callable:
@@ -348,23 +200,84 @@ def _compiled(model: nn.Module, n_shapes: int) -> Callable:
     return torch.compile(model, dynamic=False)
 
 
-def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: float | None = None) -> dict[str, Any]:
-    """Benchmark an already built model; ``cfg`` as for :func:`run` (model_name, timm_name, ..., benchmark)."""
-    settings = resolve_settings(cfg.get("benchmark") or {})
-    device = resolve_device(settings["device"])
-    img_size = settings["img_size"] or cfg.get("img_size") or _default_img_size(model)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    probe = MemProbe(device, rss_baseline_mb)
-    load_start, cpu_start = _load_avg(), _cpu_times()
-    model = model.eval().to(device)
-    forms: dict[str, dict[str, Any]] = {"trained": {"params": count_params(model)}}
-    forms["trained"]["flops"] = count_flops(model, img_size, device)
-    checks: dict[str, Any] = {"reparam_max_abs_diff": None, "onnx_max_abs_diff": None}
-    checks["onnx_vs_eager_speedup_b1"] = None
-    rows = sweep_form("trained", model, settings, device, img_size, probe)
+def _check_config(
+    module: Callable, precision: str, cl: bool, device, reference: Reference | None, compiling: bool
+) -> tuple[dict, str | None, str | None]:
+    """(agreement fields, status, why) of one configuration before it is timed; status None = time it."""
+    if reference is None or (precision == "fp32" and not compiling):
+        return {}, None, None
+    if reference.error:
+        return {}, "error", f"no fp32 reference to check {precision} against ({reference.error}); not timed"
+    try:
+        agreement = reference.compare(module, precision, cl, device)
+    except Exception as err:  # the first call of a compiled module is where compiling fails
+        if compiling and not timing.is_oom(err):
+            return {}, "skipped", f"torch.compile failed: {error_text(err)}"
+        return {}, "oom" if timing.is_oom(err) else "error", error_text(err)
+    verdict = reference.verdict(agreement, precision)
+    return agreement, *(verdict or (None, None))
 
-    deploy, deploy_form = model, "trained"
+
+def sweep_form(
+    form: str, model: nn.Module, settings: dict, device: torch.device, img_size: int, probe: MemProbe,
+    skip: tuple[str, str] | None = None, compile_model: bool = False, reference: Reference | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """All precision x memory-format x batch-size rows of one form; failures become rows, never exceptions.
+
+    ``skip`` = (status, why) records every row of the form untimed.
+    """
+    rows = []
+    for precision in settings["precisions"]:
+        unsupported = precision_unsupported(precision, device)
+        for cl in settings["channels_last"]:
+            status, why = skip or (("unsupported", unsupported) if unsupported else (None, None))
+            module: Callable = model
+            agreement: dict[str, Any] = {}
+            if status is None:
+                model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                if compile_model:
+                    module = _compiled(model, len(settings["batch_sizes"]))
+                agreement, status, why = _check_config(module, precision, cl, device, reference, compile_model)
+            rows += _sweep_batches(
+                form, module, precision, cl, settings, device, img_size, probe, agreement, status, why
+            )
+    model.to(memory_format=torch.contiguous_format)
+    return rows
+
+
+def _sweep_batches(form, module, precision, cl, settings, device, img_size, probe, agreement, status, why) -> list:
+    """One configuration's rows, smallest batch first; after an OOM the larger batches are not run."""
+    rows: list[dict[str, Any]] = []
+    oom_at = None
+    for batch in settings["batch_sizes"]:
+        base = {"form": form, "engine": "torch", "device": device.type, "precision": precision}
+        base.update(channels_last=cl, batch_size=batch, threads=torch.get_num_threads(), **agreement)
+        if status is not None:
+            rows.append(make_row(**base, status=status, error=why))
+            if batch != settings["batch_sizes"][0]:
+                continue  # one progress line for the whole configuration
+        elif oom_at is not None:
+            rows.append(make_row(**base, status="oom", error=f"skipped: batch {oom_at} already ran out of memory"))
+        else:
+            failure = None
+            try:
+                stats = timing.time_torch(
+                    module, device=device, precision=precision, channels_last=cl, batch=batch,
+                    img_size=img_size, settings=settings, probe=probe,
+                )  # fmt: skip
+                rows.append(make_row(**base, **stats, status="ok"))
+            except Exception as err:  # one configuration's failure must not lose the others
+                failure = ("oom" if timing.is_oom(err) else "error", error_text(err))
+            if failure:  # outside the except block, so the traceback's tensors can be freed
+                timing.free_memory(device)
+                oom_at = batch if failure[0] == "oom" else None
+                rows.append(make_row(**base, status=failure[0], error=failure[1]))
+        log(progress_line(rows[-1]), settings["quiet"])
+    return rows
+
+
+def _reparam_form(model, settings, img_size, device, forms, checks) -> tuple[nn.Module | None, tuple | None]:
+    """(fused model or None, skip) after checking the fused form against the trained one in exact fp32."""
     fused, skip = None, None
     try:
         fused = reparameterized(model) if settings["reparameterize"] else None
@@ -373,16 +286,47 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
             checks.update(reparam_max_abs_diff=abs_diff, reparam_rel_diff=rel_diff, reparam_ok=rel_diff <= REL_TOL)
             forms["reparam"] = {"params": count_params(fused), "flops": count_flops(fused, img_size, device)}
             if rel_diff > REL_TOL:
-                skip = f"reparameterized outputs differ from trained (rel diff {rel_diff:.2e} > {REL_TOL})"
+                skip = ("error", f"reparameterized outputs differ from trained (rel diff {rel_diff:.2e} > {REL_TOL})")
     except Exception as err:  # a broken fuse() must not lose the trained rows
-        skip, fused = f"reparameterization failed: {_error_text(err)}", fused or model
+        skip, fused = ("error", f"reparameterization failed: {error_text(err)}"), fused or model
         checks["reparam_ok"] = False
+    return fused, skip
+
+
+def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: float | None = None) -> dict[str, Any]:
+    """Benchmark an already built model; ``cfg`` as for :func:`run` (model_name, timm_name, ..., benchmark)."""
+    settings = resolve_settings(cfg.get("benchmark") or {})
+    device = resolve_device(settings["device"])
+    img_size = settings["img_size"] or cfg.get("img_size") or _default_img_size(model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    probe = MemProbe(device, rss_baseline_mb)
+    load_start, cpu_start = timing.load_avg(), timing.host_cpu_times()
+    model = model.eval().to(device)
+    forms: dict[str, dict[str, Any]] = {"trained": {"params": count_params(model)}}
+    forms["trained"]["flops"] = count_flops(model, img_size, device)
+    checks: dict[str, Any] = {"reparam_max_abs_diff": None, "onnx_max_abs_diff": None}
+    checks["onnx_vs_eager_speedup_b1"] = None
+    needs_reference = settings["compile"] or any(p != "fp32" for p in settings["precisions"])
+    reference = Reference.for_model(model, settings, img_size, device) if needs_reference else None
+    checks["fp32_agreement_inputs"] = reference.source if reference else None
+    rows = sweep_form("trained", model, settings, device, img_size, probe, reference=reference)
+
+    deploy, deploy_form = model, "trained"
+    fused, skip = _reparam_form(model, settings, img_size, device, forms, checks)
     if fused is not None:
-        rows += sweep_form("reparam", fused, settings, device, img_size, probe, skip_reason=skip)
+        rows += sweep_form("reparam", fused, settings, device, img_size, probe, skip=skip, reference=reference)
         if skip is None:
             deploy, deploy_form = fused, "reparam"
     if settings["compile"]:
-        rows += sweep_form("compiled", deploy, settings, device, img_size, probe, compile_model=True)
+        missing = compiler_missing(device)
+        if missing:
+            log(f"[bench] compile: {missing}; the compiled rows are recorded as skipped", settings["quiet"])
+        skip = ("skipped", missing) if missing else None
+        checks["compile_missing"] = missing
+        rows += sweep_form(
+            "compiled", deploy, settings, device, img_size, probe, skip=skip, compile_model=True, reference=reference
+        )
     if settings["onnx"]:
         from lcnn import bench_onnx  # imported lazily: onnx/onnxruntime are only needed for this path
 
@@ -392,10 +336,10 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
         rows += onnx_rows
         checks.update(onnx_checks)
 
-    other_share = _other_cpu_share(cpu_start, _cpu_times())
+    other_share = timing.other_cpu_share(cpu_start, timing.host_cpu_times())
     if other_share is not None and other_share > 0.05:
-        _log(f"[bench] warning: other processes used {other_share:.0%} of this host's CPU time during the benchmark; "
-             "CPU timings are unreliable, rerun on an idle host")  # fmt: skip
+        log(f"[bench] warning: other processes used {other_share:.0%} of this host's CPU time during the benchmark; "
+            "CPU timings are unreliable, rerun on an idle host")  # fmt: skip
     return {
         "model": cfg.get("model_name") or cfg.get("timm_name") or type(model).__name__,
         "timm_name": cfg.get("timm_name"),
@@ -411,42 +355,16 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
         "rows": rows,
         "checks": checks,
         "settings": {**settings, **_backend_flags(device)},
-        "host_load_avg_1m": {"start": load_start, "end": _load_avg()},
+        "host_load_avg_1m": {"start": load_start, "end": timing.load_avg()},
         "host_other_cpu_share": other_share,  # other work on the host skews CPU timings; ~0 means a clean run
     }
-
-
-def _cpu_times() -> tuple[float, float, float] | None:
-    """(host busy s, host total s, this process's CPU s), from /proc/stat (Linux) and os.times()."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    hz = os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz, own.user + own.system
-
-
-def _other_cpu_share(start: tuple | None, end: tuple | None) -> float | None:
-    """Fraction of all the host's CPU time that other processes used between two :func:`_cpu_times`."""
-    if start is None or end is None or end[1] <= start[1]:
-        return None
-    other = (end[0] - start[0]) - (end[2] - start[2])
-    return min(max(other / (end[1] - start[1]), 0.0), 1.0)
-
-
-def _load_avg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
 
 
 def _backend_flags(device: torch.device) -> dict[str, Any]:
     flags: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpu_capability": None}
     with contextlib.suppress(Exception):
         flags["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    if device.type == "cuda":  # TF32 changes what "fp32" means on Ampere and newer GPUs
+    if device.type == "cuda":  # TF32 changes what "fp32" means on Ampere and newer GPUs (timed rows keep it)
         flags.update(
             cuda_matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
             cudnn_tf32=torch.backends.cudnn.allow_tf32,
@@ -460,27 +378,27 @@ def _default_img_size(model: nn.Module) -> int:
     return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
+def int8_forms(value: bool | list[str]) -> list[str]:
+    """``onnx_int8`` as a list of forms: true = both (static first), false = none, or the list as given."""
+    if isinstance(value, bool):
+        return list(INT8_FORMS) if value else []
+    return list(dict.fromkeys(value))
+
+
 def resolve_settings(section: dict[str, Any]) -> dict[str, Any]:
-    """Merge a benchmark section onto DEFAULTS and validate it, with errors that name the fix."""
-    unknown = set(section) - set(DEFAULTS) - IGNORED_KEYS
-    if unknown:
-        _log(f"[bench] warning: ignoring unknown benchmark settings {sorted(unknown)}")
-    s = {**DEFAULTS, **{k: v for k, v in section.items() if k in DEFAULTS}}
-    if not s["batch_sizes"] or any(not isinstance(b, int) or b < 1 for b in s["batch_sizes"]):
-        raise LcnnError(f"benchmark batch_sizes must be positive integers, got {s['batch_sizes']}")
+    """The benchmark section validated against the schema, over the schema's defaults, plus the tool settings."""
+    runtime = {key: section.get(key, default) for key, default in RUNTIME_DEFAULTS.items()}
+    values = {k: v for k, v in section.items() if k not in RUNTIME_DEFAULTS}
+    if isinstance(values.get("channels_last"), bool):
+        values["channels_last"] = [values["channels_last"]]
+    s = validate_section("benchmark", values)
+    for key in IGNORED_KEYS:
+        s.pop(key, None)
     s["batch_sizes"] = sorted(set(s["batch_sizes"]))  # ascending, so an OOM can skip the larger ones
-    bad = [p for p in s["precisions"] if p not in PRECISIONS]
-    if bad or not s["precisions"]:
-        raise LcnnError(f"benchmark precisions must be among {', '.join(PRECISIONS)}, got {s['precisions']}")
-    if isinstance(s["channels_last"], bool):
-        s["channels_last"] = [s["channels_last"]]
-    if not s["channels_last"] or any(not isinstance(c, bool) for c in s["channels_last"]):
-        raise LcnnError(f"benchmark channels_last must be a list of true/false, got {s['channels_last']}")
-    if s["iters"] < 1 or s["warmup"] < 0 or s["onnx_threads"] < 1:
-        raise LcnnError("benchmark iters and onnx_threads must be >= 1 and warmup >= 0")
-    if s["time_budget_s"] is not None and s["time_budget_s"] <= 0:
-        raise LcnnError(f"benchmark time_budget_s must be > 0 or null, got {s['time_budget_s']}")
-    return s
+    s["precisions"] = list(dict.fromkeys(s["precisions"]))
+    s["channels_last"] = list(dict.fromkeys(s["channels_last"]))
+    s["onnx_int8"] = int8_forms(s["onnx_int8"])
+    return {**s, **runtime}
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -488,24 +406,24 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     cfg keys: timm_name, model_name (defaults to timm_name), num_classes (1000), img_size (training resolution;
     None = the model's default), weights (safetensors path or None = random init), out (JSON path or None),
-    benchmark (the config's benchmark section; missing keys take DEFAULTS).
+    benchmark (the config's benchmark section; missing keys take the schema's defaults).
     """
     from lcnn import models
 
     resolve_device(resolve_settings(cfg.get("benchmark") or {})["device"])  # fail fast, before building the model
-    rss_baseline = _proc_status_mb("VmRSS")
+    rss_baseline = timing.rss_mb()
     model = models.create(cfg["timm_name"], cfg.get("num_classes") or 1000, img_size=cfg.get("img_size"))
     if cfg.get("weights"):
         models.load_weights(model, cfg["weights"])
     else:
-        _log("[bench] no --weights: benchmarking a random-init model (timing is valid, accuracy checks are not)")
+        log("[bench] no --weights: benchmarking a random-init model (timing is valid, accuracy checks are not)")
     result = benchmark_model(model, cfg, rss_baseline_mb=rss_baseline)
     if cfg.get("out"):
         atomic_write_json(cfg["out"], result)
         counts: dict[str, int] = {}
         for row in result["rows"]:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
-        _log(f"[bench] wrote {cfg['out']} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+        log(f"[bench] wrote {cfg['out']} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
     return result
 
 
@@ -535,9 +453,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reparam", dest="reparameterize", action="store_const", const=False)
     p.add_argument("--no-onnx", dest="onnx", action="store_const", const=False)
     p.add_argument("--onnx-threads", type=int, help="intra-op threads for ORT and the eager comparison")
-    p.add_argument("--onnx-int8", action="store_const", const=True, help="also time ORT int8 dynamic quantization")
+    p.add_argument("--onnx-int8", nargs="?", const=list(INT8_FORMS), type=_csv(str), metavar="FORMS",
+                   help="also time ORT int8: static,dynamic (the default with no value) or one of them")  # fmt: skip
     p.add_argument("--onnx-out", help="keep the exported ONNX model at this path")
-    p.add_argument("--val-manifest", help="val.csv to measure the int8 model's top-1 change on real images")
+    p.add_argument("--val-manifest", help="val.csv: real images for the fp16/bf16 and int8 checks and int8 calibration")
     p.add_argument("--val-limit", type=int, help="validation images used for the int8 check (default 500)")
     p.add_argument("--quiet", action="store_const", const=True, help="no progress lines on stderr")
     return p.parse_args(argv)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcnn import benchmark, models
+from lcnn import models, timing
+from lcnn.benchmark import resolve_device
 from lcnn.utils import LcnnError, atomic_write_json, cli, environment
 
 
@@ -53,10 +54,10 @@ def timm_method(model: nn.Module, x: torch.Tensor, warmup: int = 10, iters: int 
 
 
 def lcnn_method(model: nn.Module, batch: int, img_size: int, device: torch.device, warmup: int, iters: int) -> dict:
-    """lcnn.benchmark's eager fp32 NCHW measurement with the same counts and no time budget."""
+    """lcnn.benchmark's eager fp32 NCHW timing (lcnn.timing), same counts, no time budget."""
     settings = {"warmup": warmup, "iters": iters, "time_budget_s": None}
-    probe = benchmark.MemProbe(device)
-    return benchmark.bench_torch(
+    probe = timing.MemProbe(device)
+    return timing.time_torch(
         model, device=device, precision="fp32", channels_last=False, batch=batch, img_size=img_size,
         settings=settings, probe=probe,
     )  # fmt: skip
@@ -64,7 +65,7 @@ def lcnn_method(model: nn.Module, batch: int, img_size: int, device: torch.devic
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Time ``cfg['timm_name']`` at ``batch_size`` with both methods ``repeats`` times; return both and ratios."""
-    device = benchmark.resolve_device(cfg.get("device", "cpu"))
+    device = resolve_device(cfg.get("device", "cpu"))
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     img_size, batch = cfg.get("img_size", 224), cfg.get("batch_size", 8)
@@ -72,7 +73,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if min(batch, iters, repeats) < 1 or warmup < 0:
         raise LcnnError("batch_size, iters and repeats must be >= 1 and warmup >= 0")
     model = models.create(cfg["timm_name"], cfg.get("num_classes", 1000), img_size=img_size).eval().to(device)
-    x = benchmark.make_input(batch, img_size, device)
+    x = timing.make_input(batch, img_size, device)
     timm_runs, lcnn_runs = [], []
     for i in range(repeats):
         for name in ("timm", "lcnn") if i % 2 == 0 else ("lcnn", "timm"):
