@@ -1,0 +1,757 @@
+"""GPU acceptance check: one command that proves lcnn's CUDA path on the card it runs on, in under 8 minutes.
+
+Why: GPUs are lent to this project rarely and briefly, so the proof is one prepared command with a time budget per
+part and a global deadline. Each check records ``ok``, ``failed`` or ``skipped`` with its reason; the tool writes
+``gpu_check.json`` and ``gpu_check.md`` and exits 1 if any check failed. Without a GPU it says so in one line and
+exits 0 (``--require-gpu`` makes that an error). Usage::
+
+    .venv/bin/python -m lcnn.tools.gpu_check --out gpu_check/
+
+The checks, in order (budgets in :data:`BUDGETS_S`):
+
+* ``train``: each of config.yaml's models trains 20 steps at 224 px on one fixed synthetic batch, in bf16 and in fp16
+  with the grad scaler, through ``Accelerator(mixed_precision=...)`` like lcnn.train; the loss must stay finite and
+  the mean of the last 5 steps must be below that of the first 5.
+* ``resume``: an fp16 run (MobileNetV3-L, 64 px, built-in data) is sent SIGTERM mid-epoch through
+  ``python -m lcnn.train``, rerun, and its weights compared with an uninterrupted run's.
+* ``multi_gpu``: with two or more GPUs, the same run under ``accelerate launch --multi_gpu --num_processes 2``.
+* ``throughput``: training images/s at batch 128, bf16, channels_last, lcnn's step against a bare PyTorch loop.
+* ``benchmark``: lcnn.benchmark's fp16 sweep (batch 1 to 512, CUDA events) beside timm's published figures.
+* ``oom``: a batch too large for the card is recorded as ``oom`` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli
+
+REPO = Path(__file__).resolve().parents[2]
+DEADLINE_S = 450.0  # the whole check stops starting new work here (the issue's limit is 8 minutes)
+BUDGETS_S = {"train": 150, "resume": 110, "multi_gpu": 70, "throughput": 50, "benchmark": 70, "oom": 40}
+THROUGHPUT_GOAL = 0.95  # lcnn's step against a bare PyTorch loop
+THROUGHPUT_MODELS = ("mobilenetv3_large_100", "convnext_tiny")
+BENCH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+# timm's published inference figures for a comparable card (RTX 4090, AMP, NCHW, batch 1024), as quoted in issue 13
+# from timm's results/benchmark-infer-amp-nchw-*-rtx4090.csv (huggingface/pytorch-image-models).
+PUBLISHED = {
+    "mobilenetv3_large_100": {"form": "trained", "images_per_s": 14586.0, "batch_size": 1024, "what": "eager"},
+    "repvgg_a2": {"form": "reparam", "images_per_s": 8700.0, "batch_size": 1024, "what": "reparameterized"},
+}
+PUBLISHED_SOURCE = "timm results/benchmark-infer-amp-nchw-*-rtx4090.csv (RTX 4090, AMP), batch 1024"
+
+
+# ----------------------------------------------------------------------------------------------- training steps
+def _accelerator(precision: str, device: str):
+    """A fresh Accelerator: its state is a process-wide singleton that refuses a second precision otherwise."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=device == "cpu")
+
+
+def train_steps(
+    timm_name: str,
+    *,
+    device: str = "cuda",
+    precision: str = "bf16",
+    img_size: int = 224,
+    steps: int = 20,
+    batch_size: int = 8,
+    num_classes: int = 10,
+) -> dict[str, Any]:
+    """Train ``steps`` steps on one fixed synthetic batch the way lcnn.train steps; the loss must fall.
+
+    The batch never changes, so a working step memorises it: the mean loss of the last steps (5, or a third of
+    them when fewer than 15) must be below the mean of the first ones. Losses stay on the device until the end.
+    """
+    import torch
+
+    from lcnn import models, recipe
+
+    accelerator = _accelerator(precision, device)
+    model = models.create(timm_name, num_classes, img_size)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    hp = {"opt": "adamw", "lr_base": 1e-3, "lr_base_size": batch_size, "lr_scale": "none", "weight_decay": 0.0}
+    optimizer, _ = recipe.build_optimizer(model, {**hp, "batch_size": batch_size, "momentum": 0.9}, 1)
+    loss_fn, _ = recipe.build_loss({"mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(accelerator.device)
+    if accelerator.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = (torch.arange(batch_size) % num_classes).to(accelerator.device)
+    scale0 = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+    model.train()
+    losses = []
+    for _ in range(steps):
+        with accelerator.accumulate(model):
+            loss = loss_fn(model(images), targets)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+    values = torch.stack(losses).cpu().tolist()
+    window = 5 if steps >= 15 else max(1, steps // 3)
+    first, last = sum(values[:window]) / window, sum(values[-window:]) / window
+    finite = all(math.isfinite(v) for v in values)
+    result = {
+        "model": timm_name,
+        "precision": precision,
+        "device": accelerator.device.type,
+        "img_size": img_size,
+        "steps": steps,
+        "batch_size": batch_size,
+        "losses": values,
+        "first_mean": first,
+        "last_mean": last,
+        "window": window,
+        "finite": finite,
+        "falls": finite and last < first,
+        "grad_scaler": scale0 is not None,
+    }
+    if scale0 is not None:  # growth needs 2000 clean steps, so every halving here is one skipped (overflow) step
+        result["skipped_steps"] = round(math.log2(scale0 / accelerator.scaler.get_scale()))
+    result["status"] = "ok" if result["falls"] else "failed"
+    if not finite:
+        result["reason"] = "loss is not finite"
+    elif not result["falls"]:
+        result["reason"] = f"loss did not fall (first {window} steps {first:.4f}, last {window} {last:.4f})"
+    del model, optimizer
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def check_train(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Every configured model in bf16 and in fp16 (grad scaler); stops at the part's budget."""
+    rows, start = [], time.monotonic()
+    for precision in ctx["precisions"]:
+        for name, spec in ctx["models"].items():
+            if time.monotonic() - start > ctx["budget_s"]:
+                rows.append({"model": spec["timm"], "precision": precision, "status": "skipped", "reason": "budget"})
+                continue
+            try:
+                row = train_steps(spec["timm"], device=ctx["device"], precision=precision, img_size=ctx["img_size"])
+            except Exception as err:  # one model's failure must not hide the others
+                row = {"model": spec["timm"], "precision": precision, "status": "failed", "reason": _err(err)}
+            rows.append({"study_name": name, **row})
+            _say(f"train {name} {precision}: {row['status']} {row.get('reason', '')}")
+    failed = [f"{r['model']}/{r['precision']}" for r in rows if r["status"] == "failed"]
+    skipped = [f"{r['model']}/{r['precision']}" for r in rows if r["status"] == "skipped"]
+    status = "failed" if failed or skipped else "ok"
+    reason = "; ".join(
+        ([f"failed: {', '.join(failed)}"] if failed else [])
+        + ([f"over budget: {', '.join(skipped)}"] if skipped else [])
+    )
+    return {"status": status, "reason": reason or f"{len(rows)} runs: loss finite and falling", "rows": rows}
+
+
+# ------------------------------------------------------------------------------------- resume and multi-process
+def study_config(work: Path, config_path: Path) -> dict[str, Any]:
+    """The study's config.yaml with the built-in data (120 train / 60 val images) under ``work``."""
+    from lcnn import config as study
+
+    cfg = yaml.safe_load(config_path.read_text())
+    cfg["data"].update(source="builtin", root=str(work / "data"), per_class=12, val_per_class=6, short_side=32)
+    cfg["seeds"] = [0]
+    cfg.pop("select", None)
+    return study.validate(cfg)
+
+
+def run_json(cfg: dict[str, Any], *, device: str, precision: str, img_size: int = 64, epochs: int = 2) -> dict:
+    """A small MobileNetV3-L run config (15 steps per epoch at batch 8) through lcnn.config.run_config."""
+    from lcnn import config as study
+
+    rc = study.run_config(cfg, "mobilenetv3_l", "baseline", 0)
+    rc["hparams"].update(epochs=epochs, batch_size=8, img_size=img_size)
+    rc["train"].update(precision=precision, device=device, num_workers=0, log_every=1, keep_checkpoint=False)
+    return rc
+
+
+def _trainer(rc: dict, out: Path, launcher: list[str] | None = None) -> subprocess.Popen:
+    args = [*(launcher or [sys.executable]), "-m", "lcnn.train", "--run-json", json.dumps(rc), "--out-dir", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return -9, (out or "") + "\n[gpu_check] killed: over the part's budget"
+    return proc.returncode, out or ""
+
+
+def _weights_diff(a: Path, b: Path) -> float:
+    """Max |a - b| over every tensor of two safetensors files (0.0 means bit-identical)."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    if ta.keys() != tb.keys():
+        return math.inf
+    return max(((ta[k].double() - tb[k].double()).abs().max().item() if ta[k].numel() else 0.0) for k in ta)
+
+
+def check_resume(ctx: dict[str, Any], cut_after: int = 5) -> dict[str, Any]:
+    """SIGTERM mid-epoch 1, rerun, and compare weights with an uninterrupted run (and, if they differ, with a
+    second uninterrupted run: two runs that already differ mean the card is not deterministic, not the resume)."""
+    from lcnn import data, train
+
+    deadline = time.monotonic() + ctx["budget_s"]
+    work = ctx["work"] / "resume"
+    cfg = study_config(work, ctx["config_path"])
+    data.run(cfg["data"])
+    rc = run_json(cfg, device=ctx["device"], precision=ctx["resume_precision"])
+    code, log = _finish(_trainer(rc, work / "whole"), deadline - time.monotonic())
+    if code != 0:
+        return {"status": "failed", "reason": f"uninterrupted run exited {code}", "log_tail": log[-3000:]}
+    proc, signalled, seen = _trainer(rc, work / "cut"), None, []
+    for line in proc.stdout:
+        seen.append(line)
+        step = re.search(r"epoch 1 step (\d+)/", line)
+        if step and int(step[1]) >= cut_after:
+            proc.send_signal(signal.SIGTERM)
+            signalled = int(step[1])
+            break
+        if time.monotonic() > deadline:
+            break
+    code, log = _finish(proc, deadline - time.monotonic())
+    log = "".join(seen) + log
+    if signalled is None or code != train.EXIT_PREEMPTED:
+        why = "no 'epoch 1 step N/' progress line to interrupt at" if signalled is None else f"exited {code}"
+        return {
+            "status": "failed",
+            "reason": f"interrupted run: {why}, expected {train.EXIT_PREEMPTED}",
+            "log_tail": log[-3000:],
+        }
+    scaler_files = [str(p.relative_to(work / "cut")) for p in (work / "cut").rglob("scaler*.pt")]
+    code, log = _finish(_trainer(rc, work / "cut"), deadline - time.monotonic())
+    if code != 0 or "resum" not in log:
+        return {
+            "status": "failed",
+            "reason": f"resumed run exited {code} (or never said it resumed)",
+            "log_tail": log[-3000:],
+        }
+    details = {"signalled_at_step": signalled, "precision": ctx["resume_precision"], "scaler_state": scaler_files}
+    diff = _weights_diff(work / "whole" / "model.safetensors", work / "cut" / "model.safetensors")
+    details["max_abs_diff"] = diff
+    if diff == 0.0:
+        return {"status": "ok", "reason": "resumed weights are bit-identical to the uninterrupted run's", **details}
+    code, _ = _finish(_trainer(rc, work / "whole2"), deadline - time.monotonic())
+    control = _weights_diff(work / "whole" / "model.safetensors", work / "whole2" / "model.safetensors")
+    details["control_max_abs_diff"] = control if code == 0 else None
+    if code == 0 and control > 0 and diff <= 2 * control:
+        return {
+            "status": "ok",
+            **details,
+            "reason": f"not bit-identical, but two uninterrupted runs differ as much "
+            f"(resumed {diff:.3g}, control {control:.3g}): the card's kernels are not deterministic",
+        }
+    return {
+        "status": "failed",
+        "reason": f"resumed weights differ by {diff:.3g} (two uninterrupted runs: {details['control_max_abs_diff']})",
+        **details,
+    }
+
+
+def check_multi_gpu(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The trainer under the rule's multi-GPU launcher (two processes); skipped on one GPU."""
+    if ctx["gpu_count"] < 2:
+        return {"status": "skipped", "reason": f"{ctx['gpu_count']} GPU visible; needs 2"}
+    from lcnn import data
+
+    work = ctx["work"] / "multi_gpu"
+    cfg = study_config(work, ctx["config_path"])
+    data.run(cfg["data"])
+    rc = run_json(cfg, device="cuda", precision="bf16", epochs=1)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    code, log = _finish(_trainer(rc, work / "run", launcher), ctx["budget_s"])
+    metrics_path = work / "run" / "metrics.json"
+    if code != 0 or not metrics_path.is_file():
+        return {"status": "failed", "reason": f"two-process run exited {code}", "log_tail": log[-3000:]}
+    metrics = json.loads(metrics_path.read_text())
+    ok = metrics.get("status") == "ok" and metrics.get("num_devices") == 2
+    return {
+        "status": "ok" if ok else "failed",
+        "reason": f"status {metrics.get('status')} on {metrics.get('num_devices')} devices",
+        "metrics": metrics,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- throughput
+def train_throughput(
+    timm_name: str,
+    *,
+    device: str = "cuda",
+    batch_size: int = 128,
+    img_size: int = 224,
+    steps: int = 30,
+    warmup: int = 10,
+    repeats: int = 2,
+) -> dict[str, Any]:
+    """Training images/s of lcnn's step (Accelerator-prepared model and optimizer, timm loss) against a bare
+    PyTorch loop (torch.autocast bf16) on the same model, optimizer and synthetic batch; best of ``repeats``,
+    interleaved so that both see the same clock and temperature."""
+    import torch
+
+    from lcnn import models, recipe
+
+    accelerator = _accelerator("bf16", device)
+    dev = accelerator.device
+    hp = {
+        "opt": "sgd",
+        "lr_base": 0.1,
+        "lr_base_size": 256,
+        "lr_scale": "linear",
+        "weight_decay": 5e-5,
+        "momentum": 0.9,
+        "batch_size": batch_size,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "smoothing": 0.0,
+    }
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(dev)
+    images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 1000, (batch_size,), generator=gen).to(dev)
+
+    lcnn_model = models.create(timm_name, 1000, img_size).to(memory_format=torch.channels_last)
+    lcnn_opt, _ = recipe.build_optimizer(lcnn_model, hp, 1)
+    lcnn_model, lcnn_opt = accelerator.prepare(lcnn_model, lcnn_opt)
+    lcnn_loss, _ = recipe.build_loss(hp)
+
+    def lcnn_step() -> torch.Tensor:
+        with accelerator.accumulate(lcnn_model):
+            loss = lcnn_loss(lcnn_model(images), targets)
+            accelerator.backward(loss)
+            lcnn_opt.step()
+            lcnn_opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    bare_model = models.create(timm_name, 1000, img_size).to(dev, memory_format=torch.channels_last)
+    bare_opt, _ = recipe.build_optimizer(bare_model, hp, 1)
+    bare_loss = torch.nn.CrossEntropyLoss()
+
+    def bare_step() -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = bare_loss(bare_model(images), targets)
+        loss.backward()
+        bare_opt.step()
+        bare_opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def rate(step: Callable[[], torch.Tensor]) -> float:
+        total = torch.zeros((), device=dev)
+        for _ in range(warmup):
+            total += step()
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            total += step()  # accumulated on the device: no host sync inside the timed loop
+        _sync(dev)
+        return batch_size * steps / (time.perf_counter() - t0)
+
+    lcnn_model.train()
+    bare_model.train()
+    lcnn_ips = bare_ips = 0.0
+    for _ in range(repeats):
+        bare_ips = max(bare_ips, rate(bare_step))
+        lcnn_ips = max(lcnn_ips, rate(lcnn_step))
+    return {
+        "model": timm_name,
+        "device": dev.type,
+        "batch_size": batch_size,
+        "img_size": img_size,
+        "steps": steps,
+        "repeats": repeats,
+        "lcnn_images_per_s": lcnn_ips,
+        "bare_images_per_s": bare_ips,
+        "ratio": lcnn_ips / bare_ips,
+    }
+
+
+def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for name in THROUGHPUT_MODELS:
+        rows.append(train_throughput(name, device=ctx["device"]))
+        _free(ctx["device"])
+        _say(
+            f"throughput {name}: lcnn {rows[-1]['lcnn_images_per_s']:.0f} vs bare "
+            f"{rows[-1]['bare_images_per_s']:.0f} images/s = {rows[-1]['ratio']:.3f}"
+        )
+    low = [f"{r['model']} {r['ratio']:.3f}" for r in rows if r["ratio"] < THROUGHPUT_GOAL]
+    reason = f"below the goal of {THROUGHPUT_GOAL}: {', '.join(low)}" if low else f"all >= {THROUGHPUT_GOAL}"
+    return {"status": "failed" if low else "ok", "reason": reason, "rows": rows}
+
+
+# -------------------------------------------------------------------------------------------------- benchmark
+def run_benchmark(timm_name: str, section: dict[str, Any]) -> dict[str, Any]:
+    """lcnn.benchmark's public entry on a random-init model (the one place this tool calls the benchmark)."""
+    from lcnn import benchmark
+
+    return benchmark.run(
+        {
+            "timm_name": timm_name,
+            "num_classes": 1000,
+            "img_size": 224,
+            "out": None,
+            "benchmark": {"onnx": False, "compile": False, "quiet": True, **section},
+        }
+    )
+
+
+def check_benchmark(ctx: dict[str, Any]) -> dict[str, Any]:
+    """fp16 batch 1..512 sweep of MobileNetV3-L and RepVGG-A2, each largest batch beside timm's figure."""
+    section = {
+        "device": "cuda",
+        "batch_sizes": BENCH_BATCHES,
+        "precisions": ["fp16"],
+        "channels_last": [False],
+        "warmup": 5,
+        "iters": 30,
+        "time_budget_s": 0.4,
+        "reparameterize": True,
+    }
+    rows, compare, problems = [], [], []
+    for name, published in PUBLISHED.items():
+        result = run_benchmark(name, section)
+        for row in result["rows"]:
+            rows.append(
+                {
+                    "model": name,
+                    **{
+                        k: row[k]
+                        for k in (
+                            "form",
+                            "precision",
+                            "batch_size",
+                            "status",
+                            "error",
+                            "latency_ms_p50",
+                            "latency_ms_p99",
+                            "throughput_ips",
+                            "peak_mem_mb",
+                        )
+                    },
+                }
+            )
+        bad = [r for r in result["rows"] if r["status"] != "ok"]
+        problems += [f"{name} {r['form']} b{r['batch_size']}: {r['status']} {r['error']}" for r in bad]
+        best = [r for r in result["rows"] if r["form"] == published["form"] and r["status"] == "ok"]
+        ours = max(best, key=lambda r: r["batch_size"]) if best else None
+        compare.append(
+            {
+                "model": name,
+                "form": published["form"],
+                "batch_size": ours["batch_size"] if ours else None,
+                "images_per_s": ours["throughput_ips"] if ours else None,
+                "published_images_per_s": published["images_per_s"],
+                "published_batch_size": published["batch_size"],
+                "ratio": ours["throughput_ips"] / published["images_per_s"] if ours else None,
+            }
+        )
+        _say(
+            f"benchmark {name}: "
+            + (
+                f"{compare[-1]['images_per_s']:.0f} images/s at b{compare[-1]['batch_size']} "
+                f"= {compare[-1]['ratio']:.2f} x timm's {published['images_per_s']:.0f}"
+                if ours
+                else "no ok row"
+            )
+        )
+    status = "failed" if problems else "ok"
+    reason = "; ".join(problems[:3]) if problems else f"{len(rows)} rows ok; ratios against {PUBLISHED_SOURCE}"
+    return {"status": status, "reason": reason, "rows": rows, "published": compare, "source": PUBLISHED_SOURCE}
+
+
+def oom_batch(total_bytes: int, per_image_bytes: float, factor: float = 1.5) -> int:
+    """A batch whose activations alone need ``factor`` times the card's memory."""
+    return max(2, math.ceil(factor * total_bytes / max(per_image_bytes, 1.0)))
+
+
+def check_oom(ctx: dict[str, Any], timm_name: str = "convnext_tiny") -> dict[str, Any]:
+    """ConvNeXt-T at a batch sized from the card's memory: the sweep records ``oom`` and goes on."""
+    import torch
+
+    from lcnn import models
+
+    model = models.create(timm_name, 1000, 224).cuda().eval()
+    x = torch.randn(16, 3, 224, 224, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        model(x)
+    per_image = (torch.cuda.max_memory_allocated() - base) / 16
+    del model, x
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    batch = oom_batch(total, per_image)
+    host_input_gb = batch * 3 * 224 * 224 * 4 / 1e9  # lcnn.benchmark builds the input on the host first
+    details = {
+        "per_image_mb": per_image / 2**20,
+        "total_memory_gb": total / 1e9,
+        "oom_batch": batch,
+        "host_input_gb": host_input_gb,
+    }
+    section = {
+        "device": "cuda",
+        "batch_sizes": [8, batch],
+        "precisions": ["fp16", "bf16"],
+        "channels_last": [False],
+        "warmup": 1,
+        "iters": 3,
+        "time_budget_s": 1.0,
+        "reparameterize": False,
+    }
+    rows = run_benchmark(timm_name, section)["rows"]
+    statuses = [(r["precision"], r["batch_size"], r["status"]) for r in rows]
+    details["rows"] = statuses
+    first_oom = next((i for i, r in enumerate(rows) if r["status"] == "oom"), None)
+    went_on = first_oom is not None and any(r["status"] == "ok" for r in rows[first_oom + 1 :])
+    if first_oom is None:
+        return {"status": "failed", "reason": f"batch {batch} did not run out of memory: {statuses}", **details}
+    if not went_on:
+        return {"status": "failed", "reason": f"no configuration ran after the oom: {statuses}", **details}
+    return {"status": "ok", "reason": f"batch {batch} recorded as oom, the sweep went on: {statuses}", **details}
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "train": check_train,
+    "resume": check_resume,
+    "multi_gpu": check_multi_gpu,
+    "throughput": check_throughput,
+    "benchmark": check_benchmark,
+    "oom": check_oom,
+}
+
+
+def _err(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _say(msg: str) -> None:
+    print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
+
+
+def _free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment_summary() -> dict[str, Any]:
+    """The card, driver, CUDA and torch versions the figures belong to."""
+    import torch
+
+    from lcnn.utils import environment
+
+    env = environment()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["total_memory_gb"] = props.total_memory / 1e9
+        env["compute_capability"] = f"{props.major}.{props.minor}"
+        env["cudnn_version"] = torch.backends.cudnn.version()
+    return env
+
+
+def run_checks(ctx: dict[str, Any], names: list[str], deadline_s: float, budgets: dict[str, float]) -> list[dict]:
+    """Run each named check under its budget; a check that would start past the global deadline is skipped."""
+    start, results = time.monotonic(), []
+    for name in names:
+        elapsed = time.monotonic() - start
+        entry = {"name": name, "budget_s": budgets[name]}
+        if elapsed > deadline_s:
+            results.append(
+                {
+                    **entry,
+                    "status": "skipped",
+                    "reason": f"global deadline of {deadline_s:.0f} s reached",
+                    "seconds": 0.0,
+                }
+            )
+            continue
+        t0 = time.monotonic()
+        try:
+            out = CHECKS[name]({**ctx, "budget_s": min(budgets[name], deadline_s - elapsed)})
+        except Exception as err:  # a crashing check is a failed check; the others still run
+            out = {"status": "failed", "reason": _err(err)}
+        results.append({**entry, **out, "seconds": round(time.monotonic() - t0, 1)})
+        _say(f"{name}: {out['status']} ({results[-1]['seconds']} s) {out.get('reason', '')}")
+    return results
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run the checks (``cfg``: out, config, checks, deadline_s) and write gpu_check.json and gpu_check.md."""
+    import torch
+
+    from lcnn import config as study
+
+    config_path = Path(cfg.get("config") or REPO / "config.yaml")
+    models = study.load(config_path)["models"]
+    names = cfg.get("checks") or list(CHECKS)
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        raise LcnnError(f"unknown check {unknown[0]}; choose from {', '.join(CHECKS)}")
+    out = Path(cfg.get("out") or "gpu_check")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        ctx = {
+            "device": "cuda",
+            "models": models,
+            "precisions": ["bf16", "fp16"],
+            "img_size": 224,
+            "work": Path(work),
+            "config_path": config_path,
+            "gpu_count": torch.cuda.device_count(),
+            "resume_precision": "fp16",
+        }
+        checks = run_checks(ctx, names, cfg.get("deadline_s", DEADLINE_S), {**BUDGETS_S, **cfg.get("budgets", {})})
+    result = {
+        "status": "failed" if any(c["status"] == "failed" for c in checks) else "ok",
+        "seconds": round(time.monotonic() - t0, 1),
+        "env": environment_summary(),
+        "checks": checks,
+    }
+    write_outputs(result, out)
+    return result
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    atomic_write_json(out / "gpu_check.json", result)
+    atomic_write_text(out / "gpu_check.md", to_markdown(result))
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    frame = pd.DataFrame(rows)
+    return frame.reindex(columns=columns).to_markdown(index=False, floatfmt=".4g")
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The summary a person reads: the card and versions, one line per check, then each check's figures."""
+    env = result.get("env") or {}
+    pkgs = env.get("packages") or {}
+    head = [
+        "# lcnn GPU check",
+        "",
+        f"- **card:** {env.get('device_name')} ({env.get('gpu_count')} visible, "
+        f"{env.get('total_memory_gb', float('nan')):.1f} GB, compute {env.get('compute_capability')})",
+        f"- **driver:** {env.get('driver_version')}; **CUDA:** {env.get('cuda_version')}; "
+        f"**cuDNN:** {env.get('cudnn_version')}",
+        f"- **torch:** {pkgs.get('torch')}; **timm:** {pkgs.get('timm')}; **accelerate:** {pkgs.get('accelerate')}",
+        f"- **result:** {result['status']} in {result['seconds']} s",
+        "",
+        _table(result["checks"], ["name", "status", "seconds", "budget_s", "reason"]),
+    ]
+    parts = ["\n".join(head)]
+    by_name = {c["name"]: c for c in result["checks"]}
+    if by_name.get("train", {}).get("rows"):
+        cols = ["model", "precision", "status", "first_mean", "last_mean", "skipped_steps", "reason"]
+        parts.append("## Training steps (20 steps, 224 px, fixed batch)\n\n" + _table(by_name["train"]["rows"], cols))
+    if by_name.get("throughput", {}).get("rows"):
+        cols = ["model", "batch_size", "lcnn_images_per_s", "bare_images_per_s", "ratio"]
+        parts.append(
+            f"## Training throughput (bf16, channels_last; goal >= {THROUGHPUT_GOAL})\n\n"
+            + _table(by_name["throughput"]["rows"], cols)
+        )
+    if by_name.get("benchmark", {}).get("published"):
+        bench = by_name["benchmark"]
+        cols = [
+            "model",
+            "form",
+            "batch_size",
+            "images_per_s",
+            "published_batch_size",
+            "published_images_per_s",
+            "ratio",
+        ]
+        parts.append(
+            f"## Benchmark against timm's published figures\n\nSource: {bench['source']}.\n\n"
+            + _table(bench["published"], cols)
+            + "\n\n"
+            + _table(
+                bench["rows"],
+                ["model", "form", "batch_size", "status", "latency_ms_p50", "throughput_ips", "peak_mem_mb"],
+            )
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--config", default=str(REPO / "config.yaml"), help="the study config (its models)")
+    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds after which no check starts")
+    parser.add_argument("--require-gpu", action="store_true", help="exit 2 where there is no GPU, instead of 0")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        msg = f"no GPU: torch {torch.__version__} sees no CUDA device, so there is nothing to check here"
+        if args.require_gpu:
+            raise LcnnError(msg + "; run it on a GPU node, e.g. `srun --gpus=1 make gpu-check`")
+        print(f"lcnn gpu_check: {msg}")
+        return
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    result = run({"out": args.out, "config": args.config, "checks": checks, "deadline_s": args.deadline})
+    print(to_markdown(result))
+    if result["status"] == "failed":
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
