@@ -89,11 +89,16 @@ def _gpus(tres: str) -> int:
     return max(counts) if counts else 0
 
 
-def jobs_by_run(jobs: list[dict[str, str]], workdir: Path) -> dict[tuple[str, str], dict[str, str]]:
-    """The latest SLURM job per (rule, wildcard string), matched by the plugin's comment or its log folder."""
-    log_keys = {}
+def slurm_log_keys(workdir: Path) -> dict[str, tuple[str, str]]:
+    """Job id -> (rule, wildcard string), from the plugin's logs/slurm/rule_<rule>/<wildcards>/<jobid>.log."""
+    keys = {}
     for log in (workdir / "logs" / "slurm").glob("rule_*/*/*.log"):
-        log_keys[log.stem] = (log.parent.parent.name.removeprefix("rule_"), log.parent.name)
+        keys[log.stem] = (log.parent.parent.name.removeprefix("rule_"), log.parent.name)
+    return keys
+
+
+def jobs_by_run(jobs: list[dict[str, str]], log_keys: dict[str, tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """The latest SLURM job per (rule, wildcard string), matched by the plugin's comment or else by its log."""
     latest: dict[tuple[str, str], dict[str, str]] = {}
     for job in jobs:
         match = re.fullmatch(r"rule_(.+?)_wildcards_(.+)", job["Comment"].strip())
@@ -193,7 +198,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     workdir = Path(cfg.get("directory") or ".")
     conf = load_config(workdir, cfg.get("configfiles") or [])
     jobs, slurm_note = sacct_jobs(cfg.get("since", "now-30days")) if cfg.get("slurm", True) else (None, "off")
-    by_run = jobs_by_run(jobs, workdir) if jobs else {}
+    by_run = jobs_by_run(jobs, slurm_log_keys(workdir)) if jobs else {}
     stale = 60 * cfg.get("stale_after_min", 30)
     rows = [run_status(r, workdir, by_run.get((r["rule"], r["key"])), stale) for r in expected_runs(conf, workdir)]
     for row in rows:
