@@ -7,7 +7,9 @@ Each study axis maps onto a timm factory: the optimizer onto ``create_optimizer_
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,25 @@ class SeededTransforms(Dataset):
             torch.set_rng_state(saved[2])
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _loader_worker_init(_worker_id: int) -> None:
+    """Loader workers outlive the first stop signal, which SLURM and Ctrl-C also deliver to them.
+
+    The trainer turns that signal into a saved state at its next check, while its loader still runs; a worker
+    that died by it would make the trainer fail before the state is saved. A second signal ends the worker.
+    """
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _worker_stop)
+
+
+def _worker_stop(signum: int, _frame: Any) -> None:
+    if getattr(_worker_stop, "seen", False):
+        os._exit(128 + signum)
+    _worker_stop.seen = True
+
+
 def transforms(hp: dict[str, Any], img_size: int, timm_name: str) -> tuple[Any, Any]:
     """Training and evaluation transforms from timm's ``create_transform``, normalised like the model."""
     import timm
@@ -113,7 +134,8 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int, pin_me
     workers = tcfg.get("num_workers", 0)
     loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
     if workers:
-        loader_kw |= {"persistent_workers": True, "prefetch_factor": tcfg.get("prefetch_factor", 4)}
+        prefetch = tcfg.get("prefetch_factor", 4)
+        loader_kw |= {"persistent_workers": True, "prefetch_factor": prefetch, "worker_init_fn": _loader_worker_init}
     train_loader = DataLoader(
         SeededTransforms(train_set, train_tf, cfg["seed"]),
         batch_size=hp["batch_size"],

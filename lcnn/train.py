@@ -318,14 +318,16 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, int] | None:
 
 
 def _save_and_exit(job: Job, stop: _StopSignal, elapsed: float) -> None:
-    prog = job.progress
+    """Every rank saves its part of the state, waits until all of it is in place, says where it stopped, exits 75."""
+    prog, acc = job.progress, job.accelerator
     prog.epoch_acc["seconds"] += elapsed
     prog.train_seconds += elapsed
     save_state(job)
-    why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another process"
-    job.accelerator.print(
-        f"[{job.tag}] got {why}: saved state at epoch {prog.epoch + 1} step {prog.step}; "
-        f"exiting {EXIT_PREEMPTED} so a retry resumes"
+    why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
+    print(
+        f"[{job.tag}] rank {acc.process_index}: got {why}: saved state at epoch {prog.epoch + 1} step {prog.step}; "
+        f"exiting {EXIT_PREEMPTED} so a retry resumes",
+        flush=True,
     )
     sys.exit(EXIT_PREEMPTED)
 

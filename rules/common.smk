@@ -37,12 +37,29 @@ RUNG_DIR = "runs_halving/{model}/{variant}/seed{seed}/rung{rung}"
 HALVING_RESULT = "results/halving/{model}/{variant}.json"
 # what a training job asks for (rules train and train_rung); profiles/slurm maps them onto partitions and GPUs
 TRAIN_THREADS = max(1, config["train"]["num_workers"])
+TRAIN_NPROC = config["train"][
+    "gpus_per_job"
+]  # one training process per GPU, all on one node
 TRAIN_RESOURCES = dict(
-    gpu=config["train"]["gpus_per_job"],
+    gpu=TRAIN_NPROC,
+    nodes=1,  # a job's GPUs are never split across nodes
     cpus_per_gpu=config["train"]["num_workers"] + 1,
     mem_mb=32000,
     # a time limit that grows with each retry; a preempted job resumes from its saved state
     runtime=lambda wildcards, attempt: 720 * attempt,
+)
+# How every training job runs (log_every, num_workers, device, data root, ...): handed to the trainer on its command
+# line, not as params, so editing it never retrains anything; each job's recipe is its params (get_run_json).
+TRAIN_EXEC = json.dumps(study.run_execution(config), sort_keys=True)
+LCNN_ROOT = (
+    workflow.basedir
+)  # jobs import lcnn from the workflow's own folder, whatever the working directory
+# rules train and train_rung: exec the launcher, so on SLURM's SIGTERM (profiles/slurm: 120 s before the time limit,
+# or a preemption) Snakemake's job process waits while the trainer saves its state and exits 75 for the retry
+TRAIN_SHELL = (
+    "export OMP_NUM_THREADS={threads} PYTHONPATH={LCNN_ROOT:q}${{PYTHONPATH:+:$PYTHONPATH}};"
+    " exec python -m lcnn.launch --nproc {TRAIN_NPROC} -- --run-json {params.run:q} --exec-json {TRAIN_EXEC:q}"
+    " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 )
 
 
@@ -103,22 +120,11 @@ def get_seed_metrics(wildcards):
 
 
 def get_run_json(wildcards):
-    """The resolved run config handed to lcnn.train (a params value, so edits to it trigger reruns)."""
-    run = study.run_config(
+    """The run's recipe handed to lcnn.train: a params value, so editing what changes its weights reruns it."""
+    run = study.run_recipe(
         config, wildcards.model, wildcards.variant, int(wildcards.seed)
     )
     return json.dumps(run, sort_keys=True)
-
-
-def get_train_launcher(wildcards):
-    """Plain python on one device; `accelerate launch` across the GPUs of a multi-GPU job."""
-    gpus = config["train"]["gpus_per_job"]
-    if gpus <= 1:
-        return "python"
-    return (
-        f"accelerate launch --num_processes {gpus} --num_machines 1 "
-        f"--mixed_precision {config['train']['precision']} --dynamo_backend no"
-    )
 
 
 def get_benchmark_run(wildcards):
@@ -208,7 +214,7 @@ def get_rung_run_json(wildcards):
     The schedule is built for the full budget in every rung, so rung after rung equals one continuous run.
     """
     rung = int(wildcards.rung)
-    run = study.run_config(
+    run = study.run_recipe(
         config, wildcards.model, wildcards.variant, int(wildcards.seed)
     )
     run["stop_epoch"] = SCHEDULE[rung - 1]

@@ -34,12 +34,9 @@ rule train_rung:
         **TRAIN_RESOURCES,
     params:
         run=get_rung_run_json,
-        launcher=get_train_launcher,
         out_dir=RUNG_DIR,
-    # exec, like rule train: on SLURM's SIGTERM the trainer saves its state while Snakemake waits for it
     shell:
-        "export OMP_NUM_THREADS={threads}; exec {params.launcher} -m lcnn.train"
-        " --run-json {params.run:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        TRAIN_SHELL
 
 
 checkpoint select_rung:

@@ -24,13 +24,10 @@ rule train:
         **TRAIN_RESOURCES,
     params:
         run=get_run_json,
-        launcher=get_train_launcher,
         out_dir=RUN_DIR,
-    # exec: the trainer replaces the shell, so on SLURM's SIGTERM (profiles/slurm: 120 s before the time limit, or a
-    # preemption) Snakemake's job process waits while the trainer saves its state and exits 75 for the retry
+    # the launcher (rules/common.smk): plain python on one device, torchrun across the job's GPUs
     shell:
-        "export OMP_NUM_THREADS={threads}; exec {params.launcher} -m lcnn.train"
-        " --run-json {params.run:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        TRAIN_SHELL
 
 
 rule collect_seeds:
