@@ -1,0 +1,126 @@
+"""The GPU acceptance check: its parts run for real on the CPU where they can, and whole where CUDA exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from lcnn.tools import gpu_check
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a GPU machine
+    cmd = [sys.executable, "-m", "lcnn.tools.gpu_check", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [proc.stdout.strip()] and "no GPU" in proc.stdout
+    assert not (tmp_path / "out").exists()
+    strict = subprocess.run([*cmd, "--require-gpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert strict.returncode == 2 and strict.stderr.count("\n") == 1 and "srun --gpus=1" in strict.stderr
+
+
+def result_dict() -> dict:
+    """A result as run() returns it (figures invented; the writers must carry them through)."""
+    return {
+        "status": "failed",
+        "seconds": 401.2,
+        "env": {"device_name": "NVIDIA H200", "gpu_count": 1, "total_memory_gb": 150.0, "compute_capability": "9.0",
+                "driver_version": "570.86.15", "cuda_version": "12.8", "cudnn_version": 91000,
+                "packages": {"torch": "2.14.1", "timm": "1.0.31", "accelerate": "1.15.0"}},
+        "checks": [
+            {"name": "train", "status": "ok", "seconds": 90.0, "budget_s": 150, "reason": "14 runs",
+             "rows": [{"model": "convnext_tiny", "precision": "fp16", "status": "ok", "first_mean": 2.31,
+                       "last_mean": 0.42, "skipped_steps": 1}]},
+            {"name": "multi_gpu", "status": "skipped", "seconds": 0.0, "budget_s": 70, "reason": "1 GPU visible"},
+            {"name": "throughput", "status": "failed", "seconds": 30.0, "budget_s": 50, "reason": "below the goal",
+             "rows": [{"model": "convnext_tiny", "batch_size": 128, "lcnn_images_per_s": 1800.0,
+                       "bare_images_per_s": 2000.0, "ratio": 0.9}]},
+            {"name": "benchmark", "status": "ok", "seconds": 60.0, "budget_s": 70, "reason": "rows ok",
+             "source": gpu_check.PUBLISHED_SOURCE,
+             "published": [{"model": "repvgg_a2", "form": "reparam", "batch_size": 512, "images_per_s": 17400.0,
+                            "published_batch_size": 1024, "published_images_per_s": 8700.0, "ratio": 2.0}],
+             "rows": [{"model": "repvgg_a2", "form": "reparam", "batch_size": 512, "status": "ok",
+                       "latency_ms_p50": 29.4, "throughput_ips": 17400.0, "peak_mem_mb": 900.0}]},
+        ],
+    }  # fmt: skip
+
+
+def test_writers_carry_the_card_versions_and_every_check(tmp_path):
+    result = result_dict()
+    gpu_check.write_outputs(result, tmp_path)
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == result
+    md = (tmp_path / "gpu_check.md").read_text()
+    for text in ("NVIDIA H200", "570.86.15", "**CUDA:** 12.8", "**torch:** 2.14.1", "failed in 401.2 s"):
+        assert text in md
+    assert len(result["checks"]) == 4
+    for check in result["checks"]:
+        assert f"| {check['name']} " in md and check["reason"] in md
+    assert "| convnext_tiny | fp16 " in md and "0.9 " in md  # training rows and the throughput ratio
+    assert "8700" in md and "| repvgg_a2 | reparam |" in md and gpu_check.PUBLISHED_SOURCE in md
+
+
+def test_training_check_trains_for_real_on_the_cpu():
+    row = gpu_check.train_steps("mobilenetv3_large_100", device="cpu", precision="bf16", img_size=32, steps=3)
+    assert row["device"] == "cpu" and len(row["losses"]) == 3 and row["window"] == 1
+    assert row["status"] == "ok" and row["finite"] and row["last_mean"] < row["first_mean"]
+    assert not row["grad_scaler"]  # only fp16 has one
+
+
+def test_throughput_check_times_both_loops_on_the_cpu():
+    row = gpu_check.train_throughput(
+        "mobilenetv3_large_100", device="cpu", batch_size=4, img_size=32, steps=2, warmup=1, repeats=1
+    )
+    assert row["lcnn_images_per_s"] > 0 and row["bare_images_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["lcnn_images_per_s"] / row["bare_images_per_s"])
+
+
+def test_harness_records_crashes_and_the_global_deadline():
+    budgets = gpu_check.BUDGETS_S
+    crashed = gpu_check.run_checks({}, ["train"], deadline_s=60, budgets=budgets)  # ctx lacks what train needs
+    assert len(crashed) == 1 and crashed[0]["status"] == "failed" and "KeyError" in crashed[0]["reason"]
+    late = gpu_check.run_checks({}, ["train", "oom"], deadline_s=-1, budgets=budgets)
+    assert len(late) == 2
+    for entry in late:
+        assert entry["status"] == "skipped" and "global deadline" in entry["reason"]
+
+
+def test_oom_batch_needs_more_than_the_card():
+    total, per_image = 80 * 2**30, 7.5 * 2**20
+    batch = gpu_check.oom_batch(total, per_image)
+    assert batch * per_image >= 1.5 * total and (batch - 1) * per_image < 1.5 * total
+
+
+@pytest.mark.slow
+def test_resume_check_on_the_cpu(tmp_path):
+    """The interrupted-run check end to end on the CPU (bf16: fp16 needs a GPU): SIGTERM, rerun, same weights."""
+    ctx = {"device": "cpu", "resume_precision": "bf16", "work": tmp_path, "config_path": REPO / "config.yaml",
+           "budget_s": 600}  # fmt: skip
+    out = gpu_check.check_resume(ctx)
+    assert out["status"] == "ok", out
+    assert out["max_abs_diff"] == 0.0 and out["signalled_at_step"] >= 5
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fp16_training_uses_the_grad_scaler_and_learns():
+    row = gpu_check.train_steps("mobilenetv3_large_100", device="cuda", precision="fp16", img_size=224, steps=20)
+    assert row["grad_scaler"] and row["status"] == "ok", row
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_gpu
+def test_the_whole_gpu_check_passes_on_this_gpu(tmp_path):
+    result = gpu_check.run({"out": tmp_path})
+    assert (tmp_path / "gpu_check.json").is_file() and (tmp_path / "gpu_check.md").is_file()
+    assert len(result["checks"]) == len(gpu_check.CHECKS)
+    failed = [c for c in result["checks"] if c["status"] == "failed"]
+    assert not failed, failed
