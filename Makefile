@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.lcnn-installed
 
-.PHONY: venv install demo test test-fast lint format clean
+.PHONY: venv install demo test test-fast lint format clean gpu-check status
 
 venv: $(BIN)/python  ## create .venv alone
 
@@ -40,6 +40,12 @@ lint: install  ## snakemake --lint, snakefmt and ruff
 format: install
 	$(BIN)/snakefmt Snakefile rules
 	$(BIN)/ruff format lcnn tests
+
+gpu-check: install  ## GPU acceptance check (under 8 min on one GPU): gpu_check/gpu_check.{json,md}
+	$(BIN)/python -m lcnn.tools.gpu_check --out gpu_check/
+
+status: install  ## the study's state: each run, GPU-hours spent and left (add ARGS="--configfile ...")
+	$(BIN)/python -m lcnn.status $(ARGS)
 
 clean:  ## remove everything the workflow produced (keeps .venv)
 	rm -rf data/builtin data/builtin_search runs runs_halving search results benchmarks logs report.html .snakemake
