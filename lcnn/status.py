@@ -270,6 +270,9 @@ def to_text(status: dict[str, Any]) -> str:
         lines = [table.to_markdown(index=False, tablefmt="simple")]
     else:
         lines = ["(no runs selected)"]
+    if len(frame) > 1:  # one line per model: how many of its runs are in each state
+        per_model = pd.crosstab(frame["model"], frame["status"]).reindex(columns=list(STATES), fill_value=0)
+        lines += ["", per_model.to_markdown(tablefmt="simple")]
     counts = ", ".join(f"{n} {s}" for s, n in status["counts"].items() if n)
     gh, est = status["gpu_hours"], status["estimate"]
     lines += [

@@ -12,7 +12,8 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from conftest import OVERLAYS, REPO, copy_workflow
+from conftest import OVERLAYS, REPO, copy_workflow, tiny_config
+from test_slurm import slurm_cluster  # noqa: F401  (the session's SLURM test cluster fixture)
 
 from lcnn import status
 
@@ -123,7 +124,8 @@ def test_status_of_the_tiny_study_after_a_failure_and_a_divergence(tiny_study, t
     """The tiny study run end to end, then one run failed (its log, no metrics) and one diverged (metrics.json
     with status diverged, as the trainer writes it), in a copy of the study's folder."""
     root = tmp_path / "study"
-    shutil.copytree(tiny_study, root, ignore=shutil.ignore_patterns(".snakemake", "data"))
+    top = str(tiny_study)
+    shutil.copytree(tiny_study, root, ignore=lambda d, names: [".snakemake", "data"] if d == top else [])
     ok = status.run({"directory": root, "configfiles": OVERLAYS, "slurm": False})
     assert ok["total"] == 4 and ok["counts"]["done"] == 4
     assert ok["gpu_hours"]["finished"] > 0 and ok["estimate"]["gpu_hours_left"] == 0
@@ -150,3 +152,39 @@ def test_status_of_the_tiny_study_after_a_failure_and_a_divergence(tiny_study, t
     assert rows["mobilenetv3_l", "cosine"]["status"] == "diverged"
     assert [rows[k]["status"] for k in sorted(rows)].count("done") == 2
     assert rows["mobilenetv3_l", "baseline"]["result"] == "results/mobilenetv3_l/baseline.json"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_status_sees_running_and_queued_slurm_jobs(slurm_cluster, tmp_path):  # noqa: F811
+    """The tiny study's four training jobs on the test cluster's two GPUs: while two run, two wait, and status
+    reads both states from sacct (matched by the SLURM plugin's job comment), then all four done."""
+    from test_slurm import WORKFLOW_TIMEOUT_S, make_profile, start_snakemake
+
+    from lcnn import config as study
+
+    work = copy_workflow(tmp_path / "study")
+    profile = make_profile(tmp_path / "profile", slurm_cluster)
+    runs = study.runs(tiny_config())
+    targets = [f"runs/{r['model']}/{r['variant']}/seed{r['seed']}/metrics.json" for r in runs]
+    args = ["--profile", str(profile), "--configfile", *OVERLAYS, "--", *targets]
+    seen = []
+    with (tmp_path / "snakemake.log").open("w") as fh:
+        proc = start_snakemake(args, work, WORKFLOW_TIMEOUT_S, fh)
+        while proc.poll() is None:
+            seen.append(status.run({"directory": work, "configfiles": OVERLAYS}))
+            time.sleep(1)
+    log = (tmp_path / "snakemake.log").read_text()
+    assert proc.returncode == 0, log[-4000:]
+    assert seen and all(s["slurm"]["available"] for s in seen), seen[-1]["slurm"] if seen else "never polled"
+    both = [s for s in seen if s["counts"]["running"] and s["counts"]["queued"]]
+    assert both, [s["counts"] for s in seen]
+    busy = [r for r in both[0]["runs"] if r["status"] in ("running", "queued")]
+    assert len(busy) >= 2
+    for row in busy:
+        assert row["slurm_job_id"] and row["slurm_state"] == ("RUNNING" if row["status"] == "running" else "PENDING")
+    assert both[0]["gpu_hours"]["running"] >= 0
+    final = status.run({"directory": work, "configfiles": OVERLAYS})
+    assert final["total"] == len(runs) == 4 and final["counts"]["done"] == 4
+    for row in final["runs"]:
+        assert row["slurm_state"] == "COMPLETED", row
