@@ -3,12 +3,15 @@
 #   snakemake --profile profiles/demo       the same study, scaled down, on built-in data on the CPU
 #   snakemake report                        everything up to the report tables and figures
 #   --config search='{"mode": "halving"}'   successive halving over the variants instead of the full grid
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# the working directory's config.yaml, else the checkout's (`snakemake -s <checkout>/Snakefile --directory <dir>`)
+configfile: "config.yaml" if os.path.exists("config.yaml") else f"{workflow.basedir}/config.yaml"
 
 
 report: "report/workflow.rst"

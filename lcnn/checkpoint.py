@@ -1,10 +1,12 @@
 """Resumable training state: Accelerate's ``save_state`` folder, swapped in whole so a kill never leaves half of one.
 
-``accelerator.save_state`` writes the model, optimizer, grad scaler, the seedable sampler, every registered object
-(the trainer's progress and timm's scheduler) and *every process's* RNG state. lcnn adds ``lcnn_state.json``: who
-the state belongs to (model, recipe, seed, device count) and where it stopped, written last, so its presence marks
-a complete folder. The folder is written as ``train_state.tmp`` and renamed into place; a kill between the two
-renames leaves ``train_state.old``, which is used instead.
+``accelerator.save_state`` writes the model, optimizer, grad scaler, the seedable sampler and *every process's* RNG
+state, and loads each back with ``weights_only=True``. lcnn adds ``lcnn_state.json``: who the state belongs to
+(model, recipe, seed, device count), the trainer's progress and timm's scheduler state. Those two are plain data,
+kept as JSON rather than as Accelerate's registered objects, which it unpickles with ``weights_only=False`` (a
+planted file could run code). The JSON is written last, so its presence marks a complete folder. The folder is
+written as ``train_state.tmp`` and renamed into place; a kill between the two renames leaves ``train_state.old``,
+which is used instead.
 """
 
 from __future__ import annotations
@@ -63,7 +65,20 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def load(accelerator, folder: str | Path) -> None:
-    """Restore what :func:`save` saved into the prepared objects and registered ones, on every process."""
+    """Restore what :func:`save` saved into the prepared objects, on every process (each reads its own RNG state)."""
+    from accelerate.utils import load as accelerate_load  # torch.load with weights_only=True
+
+    rng = Path(folder) / f"random_states_{accelerator.process_index}.pkl"
+    try:  # Accelerate goes on without an unreadable RNG state, silently drawing other augmentations and masks
+        states = accelerate_load(rng)
+        if not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states):
+            raise ValueError("it lacks the Python, NumPy or torch generator")
+    except Exception as err:
+        raise LcnnError(
+            f"cannot resume from {folder}: rank {accelerator.process_index}'s RNG state {rng.name} is unusable "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+            f"delete {folder} to start the run over"
+        ) from None
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # a truncated or foreign file: name the folder, never start a silent fresh run

@@ -37,7 +37,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Progress:
-    """Where the run stands, saved with the state (Accelerate ``register_for_checkpointing``)."""
+    """Where the run stands: plain data, saved as JSON beside Accelerate's state (see :mod:`lcnn.checkpoint`)."""
 
     def __init__(self) -> None:
         self.epoch, self.step, self.history = 0, 0, []
@@ -187,9 +187,6 @@ def setup(cfg: dict[str, Any]) -> Job:
         epochs=epochs,
         stop_at=stop_at,
     )
-    accelerator.register_for_checkpointing(job.progress)
-    if scheduler is not None:
-        accelerator.register_for_checkpointing(scheduler)  # timm's scheduler: state_dict/load_state_dict
     # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
     set_seed(cfg["seed"], device_specific=True, deterministic=bool(tcfg.get("deterministic")))
     return job
@@ -223,8 +220,12 @@ def resume(job: Job) -> None:
             )
     if folder is None:
         return
-    _check_state_fits(checkpoint.read_meta(folder), job, folder)
+    meta = checkpoint.read_meta(folder)
+    _check_state_fits(meta, job, folder)
     checkpoint.load(job.accelerator, folder)
+    job.progress.load_state_dict(meta["progress"])
+    if job.scheduler is not None:
+        job.scheduler.load_state_dict(meta["scheduler"])
     job.accelerator.print(f"[{job.tag}] resuming at epoch {job.progress.epoch + 1} step {job.progress.step}")
 
 
@@ -233,7 +234,8 @@ def _check_state_fits(meta: dict[str, Any], job: Job, folder: Path) -> None:
     old, new = meta.get("run") or {}, identity(job)
     flat_old = {**{k: v for k, v in old.items() if k != "hparams"}, **(old.get("hparams") or {})}
     flat_new = {**{k: v for k, v in new.items() if k != "hparams"}, **new["hparams"]}
-    changed = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+    keys = [k for k in new if k != "hparams"] + sorted(new["hparams"].keys() | (old.get("hparams") or {}).keys())
+    changed = [k for k in keys if flat_old.get(k) != flat_new.get(k)]  # who it belongs to first, then the recipe
     if changed:
         shown = ", ".join(f"{k} {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed[:4])
         raise LcnnError(
@@ -333,8 +335,15 @@ def _save_and_exit(job: Job, stop: _StopSignal, elapsed: float) -> None:
 
 
 def save_state(job: Job) -> None:
-    prog = job.progress
-    checkpoint.save(job.accelerator, job.out, {"run": identity(job), "epoch": prog.epoch, "step": prog.step})
+    prog, scheduler = job.progress, job.scheduler
+    meta = {
+        "run": identity(job),
+        "epoch": prog.epoch,
+        "step": prog.step,
+        "progress": prog.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    checkpoint.save(job.accelerator, job.out, meta)
 
 
 def end_epoch(job: Job) -> None:

@@ -202,6 +202,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": versions,
         "lcnn_git_commit": _git_commit(),
+        "lcnn_source": str(Path(__file__).resolve().parent),  # which checkout of lcnn the job ran
         "hostname": platform.node(),
         "cpu_model": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),

@@ -11,6 +11,12 @@ sys.path.insert(
     0, workflow.basedir
 )  # `lcnn` imports even where the package is not pip-installed
 
+# every job imports lcnn from this checkout too, whatever its working directory or software environment
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != workflow.basedir:
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
+    )
+
 from lcnn import config as study  # noqa: E402
 from lcnn.data import check_paths  # noqa: E402
 from lcnn.utils import LcnnError  # noqa: E402
@@ -51,13 +57,10 @@ TRAIN_RESOURCES = dict(
 # How every training job runs (log_every, num_workers, device, data root, ...): handed to the trainer on its command
 # line, not as params, so editing it never retrains anything; each job's recipe is its params (get_run_json).
 TRAIN_EXEC = json.dumps(study.run_execution(config), sort_keys=True)
-LCNN_ROOT = (
-    workflow.basedir
-)  # jobs import lcnn from the workflow's own folder, whatever the working directory
 # rules train and train_rung: exec the launcher, so on SLURM's SIGTERM (profiles/slurm: 120 s before the time limit,
 # or a preemption) Snakemake's job process waits while the trainer saves its state and exits 75 for the retry
 TRAIN_SHELL = (
-    "export OMP_NUM_THREADS={threads} PYTHONPATH={LCNN_ROOT:q}${{PYTHONPATH:+:$PYTHONPATH}};"
+    "export OMP_NUM_THREADS={threads};"
     " exec python -m lcnn.launch --nproc {TRAIN_NPROC} -- --run-json {params.run:q} --exec-json {TRAIN_EXEC:q}"
     " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 )

@@ -4,7 +4,7 @@
 # Each rung's runs are ordinary jobs (on SLURM: ordinary training jobs), and the DAG grows as selections finish:
 # `snakemake -n` lists what is known so far, and a rerun after an interruption redoes nothing that finished.
 #
-# The state a rung hands to the next (rung{r}/state/train_state.pt) is deliberately not a declared output:
+# The state a rung hands to the next (rung{r}/state/train_state/) is deliberately not a declared output:
 # Snakemake deletes a failed job's outputs, which would throw away the state a preempted rung saved to resume
 # from, and a declared file that is cleaned up after the study would make Snakemake retrain to rebuild it.
 

@@ -363,4 +363,4 @@ def test_training_job_signalled_by_slurm_saves_state_and_its_retry_resumes(slurm
     metrics = json.loads((work / target).read_text())
     assert metrics["status"] == "ok" and metrics["epochs_completed"] == 4, metrics
     assert metrics["slurm_job_id"] == train[1]["JobID"], metrics
-    assert not (work / target).with_name("train_state.pt").exists(), "the state is cleaned up after success"
+    assert not (work / target).with_name("train_state").exists(), "the state is cleaned up after success"

@@ -18,8 +18,8 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lamb, Lion, RMSpropTF
 
+from lcnn import checkpoint, recipe, train
 from lcnn import config as study
-from lcnn import recipe, train
 from lcnn.models import create
 from lcnn.utils import LcnnError
 
@@ -93,7 +93,7 @@ def run_cfg(data_root, out_dir, model="mobilevitv2_xs", variant="baseline", **tr
     cfg = tiny_config(data_root)
     rc = study.run_config(cfg, model, variant, 0)
     rc["hparams"].update(batch_size=8, epochs=2)
-    rc["train"].update(log_every=1, **train_over)
+    rc["train"].update({"log_every": 1, **train_over})
     rc["out_dir"] = str(out_dir)
     return rc
 
@@ -117,11 +117,11 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
             break
     proc.stdout.read()
     assert proc.wait(timeout=600) == train.EXIT_PREEMPTED
-    assert (tmp_path / "cut" / "train_state.pt").is_file()
+    assert checkpoint.find(tmp_path / "cut") == tmp_path / "cut" / "train_state"
     assert not (tmp_path / "cut" / "metrics.json").exists()
 
     changed = {**cut, "hparams": {**cut["hparams"], "lr_base": cut["hparams"]["lr_base"] * 2}}
-    with pytest.raises(LcnnError, match="trained with other settings .*lr_base.*delete that train_state.pt"):
+    with pytest.raises(LcnnError, match="trained with other settings .*lr_base.*delete .*train_state"):
         train.run(changed)  # an edited variant never resumes from the old recipe's state
     resumed = train_subprocess(cut)
     log = resumed.stdout.read()
@@ -135,7 +135,7 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     ha, hb = (pd.read_csv(tmp_path / d / "history.csv") for d in ("whole", "cut"))
     same = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr"]
     pd.testing.assert_frame_equal(ha[same], hb[same])
-    assert not (tmp_path / "cut" / "train_state.pt").exists()  # cleaned up after success
+    assert checkpoint.find(tmp_path / "cut") is None  # cleaned up after success
 
 
 def test_run_writes_every_output_with_fixed_keys(built_data, tmp_path):
@@ -167,3 +167,37 @@ def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
     rc["hparams"]["batch_size"] = 1000
     with pytest.raises(LcnnError, match="exceeds the 120 training images"):
         train.run(rc)
+
+
+def test_step_loop_reads_the_device_only_at_its_checks(built_data, tmp_path, monkeypatch):
+    """No host read (``item``, ``cpu``, ``bool``, ``float``, ...) between two checks, which come every log_every steps.
+
+    On a GPU each such read waits for the queued work; here every read made while a training epoch runs is counted
+    with the step it happened at, Mixup/CutMix and gradient clipping included.
+    """
+    rc = run_cfg(built_data, tmp_path, variant="mixup_cutmix", log_every=5, grad_clip=1.0)
+    reads: list[int] = []
+
+    def current_step() -> int | None:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code is train.train_epoch.__code__:
+                return frame.f_locals["prog"].step
+            frame = frame.f_back
+        return None
+
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            step = current_step()
+            if step is not None:
+                reads.append(step)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    metrics = train.run(rc)
+    monkeypatch.undo()
+    assert metrics["status"] == "ok" and metrics["epochs_completed"] == 2
+    assert reads, "no read counted: the probe is not looking where the loop runs"
+    assert set(reads) == {5, 10, 15}  # 15 steps an epoch: the checks, and nowhere else

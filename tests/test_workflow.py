@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,53 @@ def test_tiny_study_end_to_end(tiny_study):
 def test_finished_study_has_nothing_left_to_do(tiny_study):
     proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+# execution settings: how a job runs, never what it learns; editing one on a finished study plans nothing
+EXECUTION_EDITS = {
+    "log_every": 7,
+    "num_workers": 3,
+    "prefetch_factor": 2,
+    "keep_checkpoint": True,
+    "channels_last": True,
+    "device": "auto",
+    "deterministic": True,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("key", "value"), EXECUTION_EDITS.items())
+def test_editing_an_execution_setting_retrains_nothing(tiny_study, key, value):
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, "--config", f"train={json.dumps({key: value})}")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_editing_a_variants_recipe_retrains_exactly_that_variant(tiny_study):
+    edit = json.dumps({"cosine": {"lr_base": 0.3}})
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, "--config", f"variants={edit}")
+    assert job_counts(proc.stdout) == {"train": 2, "collect_seeds": 2, "report": 1}
+    planned = set(re.findall(r"runs/(\w+)/(\w+)/seed0/metrics\.json", proc.stdout))
+    assert planned == {("mobilenetv3_l", "cosine"), ("mobilevitv2_xs", "cosine")}
+    assert "Params have changed since last execution" in proc.stdout
+
+
+@pytest.mark.slow
+def test_jobs_run_from_a_checkout_elsewhere_with_another_working_directory(tmp_path):
+    """``snakemake -s <checkout>/Snakefile --directory <elsewhere>``: jobs import lcnn from the checkout."""
+    checkout = copy_workflow(tmp_path / "checkout")
+    shutil.copytree(REPO / "lcnn", checkout / "lcnn", ignore=shutil.ignore_patterns("__pycache__"))
+    work, cwd = tmp_path / "work", tmp_path / "somewhere"
+    work.mkdir()
+    cwd.mkdir()
+    target = "runs/mobilenetv3_l/baseline/seed0/metrics.json"
+    configs = [str(checkout / c) for c in TINY_ARGS[TINY_ARGS.index("--configfile") + 1 :]]
+    args = ["-s", str(checkout / "Snakefile"), "--directory", str(work), target, "--cores", "2"]
+    snakemake(cwd, *args, "--configfile", *configs)
+    assert json.loads((work / target).read_text())["status"] == "ok"
+    env = json.loads((work / target).with_name("env.json").read_text())
+    assert env["lcnn_source"] == str(checkout / "lcnn")  # the checkout's package, not the one installed
+    assert not list(cwd.iterdir())  # nothing written where snakemake was started
 
 
 def test_package_never_imports_snakemake():
