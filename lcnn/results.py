@@ -14,7 +14,7 @@ from typing import Any
 from lcnn.utils import LcnnError, atomic_write_json, cli, read_json
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Combine one model x variant's per-seed metrics into the fixed-key result record."""
     if not runs:
         raise LcnnError("no per-seed metrics given; pass runs/{model}/{variant}/seed*/metrics.json")
@@ -61,7 +61,7 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    result = summarize([read_metrics(p) for p in cfg["metrics"]])
+    result = combine_seeds([read_metrics(p) for p in cfg["metrics"]])
     atomic_write_json(cfg["out"], result)
     return result
 

@@ -3,8 +3,9 @@
 The workflow (rules/search.smk) trains every candidate to the first rung's epochs, then ``select`` keeps the best
 ``ceil(n / eta)`` by mean validation top-1 over the seeds; those go on from their saved state to the next rung,
 and the last rung's survivors reach the full budget. The baseline (and the benchmarked variant) always reach the
-full budget as references, so gains are still measured against the same baseline as in the grid. ``summarize``
-adds up what was spent and names the winner; :func:`halving_table` sets that against the full grid.
+full budget as references, so gains are still measured against the same baseline as in the grid.
+:func:`summarize_halving` adds up what was spent and names the winner; :func:`halving_table` sets that against the
+full grid.
 
 Selection is deterministic: higher mean top-1 first, then lower mean validation loss (early rungs often leave
 several variants at chance accuracy, where the loss still tells them apart), then higher top-5, then the variant
@@ -22,12 +23,11 @@ from typing import Any
 
 import pandas as pd
 
-from lcnn.report import mean_ci
+from lcnn.stats import binomial_ci, mean_ci
 from lcnn.utils import LcnnError, atomic_write_json, cli, json_arg, read_json
 
 RUN_KEYS = ("top1", "top5", "status", "epochs_completed", "train_seconds", "device_hours", "device_type")
 RUN_KEYS += ("val_images", "val_loss")
-Z95 = 1.959963984540054
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -120,7 +120,7 @@ def select_rung(cfg: dict[str, Any], metrics: list[dict[str, Any]], previous: di
 
 
 # -------------------------------------------------------------------------------------------------- summary
-def summarize(cfg: dict[str, Any], rungs: list[dict[str, Any]], final: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_halving(cfg: dict[str, Any], rungs: list[dict[str, Any]], final: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything one model's halving did: rungs, eliminations, winner at the full budget, and its compute."""
     rungs = sorted(rungs, key=lambda r: r["rung"])
     if [r["rung"] for r in rungs] != list(range(1, len(rungs) + 1)):
@@ -213,10 +213,8 @@ def interval(runs: list[dict[str, Any]], confidence: float = 0.95) -> tuple[floa
         return st["ci_lo"], st["ci_hi"], f"seeds (t, n={len(ok)})"
     n = next((r.get("val_images") for r in runs if r.get("val_images")), None)
     if len(ok) == 1 and n:
-        p, z = ok[0] / 100, Z95
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return 100 * (centre - half), 100 * (centre + half), f"val binomial (1 seed, {n} images)"
+        lo, hi = binomial_ci(ok[0], n, confidence)
+        return lo, hi, f"val binomial (1 seed, {n} images)"
     return math.nan, math.nan, "n/a"
 
 
@@ -328,7 +326,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         previous = read_json(cfg["previous"]) if cfg.get("previous") else None
         out = select_rung(cfg, metrics, previous)
     else:
-        out = summarize(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
+        out = summarize_halving(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
     atomic_write_json(cfg["out"], out)
     if cfg["command"] == "select" and not cfg.get("keep_checkpoint"):
         from lcnn import checkpoint  # imports torch: only here

@@ -6,10 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from lcnn import report
+from lcnn import report, report_claims, report_write, stats
 
 T975_DF2 = 4.302652729911275  # Student t quantiles, for the hand calculations below
 T975_DF4 = 2.7764451051977987
@@ -58,7 +59,8 @@ def _row(form, device, precision, batch, p50, thr, status="ok", engine="torch") 
 
 BENCH = {
     "fastnet": {
-        "env": {"device_name": "NVIDIA H100 80GB HBM3", "cpu_model": "Intel Xeon Gold"},
+        "img_size": 224,  # the claims' conditions: 224 px on an L40S
+        "env": {"device_name": "NVIDIA L40S", "cpu_model": "Intel Xeon Gold"},
         "checks": {"reparam_max_abs_diff": 1e-6, "onnx_max_abs_diff": 0.05, "onnx_ok": True},  # large logits
         "rows": [
             _row("trained", "cuda", "fp32", 1, 4.0, 250.0),
@@ -132,29 +134,29 @@ def _row_of(df: pd.DataFrame, **keys) -> pd.Series:
 
 
 def test_mean_ci_by_hand() -> None:
-    st = report.mean_ci([70.0, 71.0, 72.0])
+    st = stats.mean_ci([70.0, 71.0, 72.0])
     assert st["n"] == 3 and st["mean"] == pytest.approx(71.0) and st["std"] == pytest.approx(1.0)
     half = T975_DF2 / math.sqrt(3)
     assert (st["ci_lo"], st["ci_hi"]) == pytest.approx((71.0 - half, 71.0 + half))
 
 
 def test_single_seed_has_no_ci() -> None:
-    st = report.mean_ci([65.0, float("nan"), None])
+    st = stats.mean_ci([65.0, float("nan"), None])
     assert st["n"] == 1 and st["mean"] == 65.0
     assert math.isnan(st["std"]) and math.isnan(st["ci_lo"]) and math.isnan(st["ci_hi"])
-    assert report.welch_gain([65.0], [60.0, 62.0])["significant"] is None
+    assert stats.welch_gain([65.0], [60.0, 62.0])["significant"] is None
 
 
 def test_welch_gain_by_hand() -> None:
-    g = report.welch_gain([73.0, 74.0, 75.0], [70.0, 71.0, 72.0])
+    g = stats.welch_gain([73.0, 74.0, 75.0], [70.0, 71.0, 72.0])
     se = math.sqrt(1 / 3 + 1 / 3)
     assert g["gain"] == pytest.approx(3.0) and g["df"] == pytest.approx(4.0)
     assert (g["ci_lo"], g["ci_hi"]) == pytest.approx((3 - T975_DF4 * se, 3 + T975_DF4 * se))
     assert g["significant"] is True
-    noisy = report.welch_gain([71.5, 72.5], [70.0, 71.0, 72.0])
+    noisy = stats.welch_gain([71.5, 72.5], [70.0, 71.0, 72.0])
     assert noisy["gain"] == pytest.approx(1.0) and noisy["significant"] is False
     assert noisy["ci_lo"] < 0 < noisy["ci_hi"]
-    worse = report.welch_gain([60.0, 60.5, 61.0], [70.0, 71.0, 72.0])
+    worse = stats.welch_gain([60.0, 60.5, 61.0], [70.0, 71.0, 72.0])
     assert worse["significant"] is True and worse["ci_hi"] < 0  # a significant loss is still "CI excludes 0"
 
 
@@ -162,10 +164,70 @@ def test_pareto_mask() -> None:
     latency = [1.0, 2.0, 3.0, 2.0, float("nan"), 1.0]
     top1 = [70.0, 75.0, 74.0, 60.0, 99.0, 70.0]
     # 3 is dominated by 2, 4 by 1; the NaN point is never on the front; equal points do not dominate each other
-    assert report.pareto_mask(latency, top1) == [True, True, False, False, False, True]
+    assert stats.pareto_mask(latency, top1) == [True, True, False, False, False, True]
     thr = [100.0, 50.0, 200.0]
-    assert report.pareto_mask(thr, [70.0, 80.0, 60.0], minimize_cost=False) == [True, True, True]
-    assert report.pareto_mask(thr, [70.0, 60.0, 60.0], minimize_cost=False) == [True, False, True]
+    assert stats.pareto_mask(thr, [70.0, 80.0, 60.0], minimize_cost=False) == [True, True, True]
+    assert stats.pareto_mask(thr, [70.0, 60.0, 60.0], minimize_cost=False) == [True, False, True]
+
+
+def test_welch_interval_matches_scipy_with_unequal_variances() -> None:
+    from scipy import stats as sps
+
+    variant, base = [80.1, 79.0, 83.5, 78.2, 81.9], [75.0, 75.4, 74.8]  # spreads differ by an order of magnitude
+    g = stats.welch_gain(variant, base, 0.9)
+    ref = sps.ttest_ind(variant, base, equal_var=False)
+    ci = ref.confidence_interval(0.9)
+    assert (g["ci_lo"], g["ci_hi"], g["df"]) == pytest.approx((ci.low, ci.high, ref.df))
+    va, vb = np.var(variant, ddof=1) / 5, np.var(base, ddof=1) / 3  # Welch-Satterthwaite by hand
+    assert g["df"] == pytest.approx((va + vb) ** 2 / (va**2 / 4 + vb**2 / 2)) and g["df"] != pytest.approx(6)
+    pooled = sps.ttest_ind(variant, base, equal_var=True).confidence_interval(0.9)
+    assert g["ci_hi"] - g["ci_lo"] != pytest.approx(pooled.high - pooled.low)  # not the equal-variance interval
+
+
+def test_bonferroni_and_binomial_interval() -> None:
+    assert stats.bonferroni(0.95, 4) == pytest.approx(0.9875) and stats.bonferroni(0.95, 0) == pytest.approx(0.95)
+    lo, hi = stats.binomial_ci(80.0, 500)
+    p, n, z = 0.8, 500, 1.959963984540054  # Wilson's score interval by hand
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    half /= 1 + z * z / n
+    assert (lo, hi) == pytest.approx((100 * (centre - half), 100 * (centre + half)))
+    assert stats.binomial_ci(100.0, 50)[1] == pytest.approx(100.0) and stats.binomial_ci(100.0, 50)[0] < 100
+
+
+def _claim_rows(device_class: str, device: str, img_size: int, p50: float, thr: float) -> pd.DataFrame:
+    models = pd.DataFrame(
+        [{"model": "m", "device": device, "device_class": device_class, "bench_img_size": img_size}
+         | {"b1_p50_ms": p50, "b1_p99_ms": p50, "b1_config": "trained, fp16", "max_throughput_ips": thr}
+         | {"max_throughput_batch": 256, "max_throughput_config": "trained, fp16"}]
+    )  # fmt: skip
+    rep = report.report_settings(REPORT_CFG | {"fast_models": ["m"]})
+    claims = report_claims.claims_table(pd.DataFrame(columns=["model"]), models, pd.DataFrame(), pd.DataFrame(), rep)
+    assert list(claims["claim_id"]) == ["b", "c"]
+    return claims
+
+
+@pytest.mark.parametrize(
+    ("device_class", "device", "img_size", "p50", "thr", "holds"),
+    [
+        ("GPU", "NVIDIA L40S (cuda)", 224, 2.0, 12000.0, ["yes", "yes"]),  # the claim's conditions, within bounds
+        ("GPU", "NVIDIA L40S (cuda)", 224, 6.0, 5000.0, ["no", "no"]),
+        ("CPU", "AMD EPYC 7B13 (cpu)", 32, 1.0, 20000.0, ["not comparable (32 px, CPU)"] * 2),  # the CPU demo
+        ("CPU", "AMD EPYC 7B13 (cpu)", 224, 1.0, 20000.0, ["not comparable (224 px, CPU)"] * 2),  # size alone
+        ("GPU", "NVIDIA L40S (cuda)", 32, 1.0, 20000.0, ["not comparable (32 px, GPU)"] * 2),  # device alone
+        ("GPU", "NVIDIA H100 (cuda)", 224, 1.0, 20000.0, ["not comparable (224 px, NVIDIA H100)"] * 2),
+    ],
+)
+def test_timing_claims_compare_like_with_like(device_class, device, img_size, p50, thr, holds) -> None:
+    claims = _claim_rows(device_class, device, img_size, p50, thr)
+    assert list(claims["holds"]) == holds
+    assert f"p50 {p50:.2f} ms" in claims["measured"].iloc[0]  # what it measured is always shown
+
+
+def test_claim_device_name_null_accepts_any_gpu() -> None:
+    h100 = {"model": "m", "device": "NVIDIA H100 (cuda)", "device_class": "GPU", "bench_img_size": 224}
+    rep = report.report_settings(REPORT_CFG | {"claim_device_name": None})
+    assert report_claims.incomparable(h100, rep) is None and report_claims.claim_conditions(rep) == "224 px, GPU"
+    assert report_claims.incomparable(h100 | {"device_class": "CPU"}, rep) == "224 px, CPU"
 
 
 def test_accuracy_table(built: dict) -> None:
@@ -233,8 +295,14 @@ def test_latency_and_models(built: dict) -> None:
     assert pd.isna(fast["excluded_forms"]) and lat[lat["form"] == "onnx"]["equivalent"].all()  # benchmark's verdict
     assert fast["max_throughput_ips"] == 12000 and fast["max_throughput_batch"] == 256
     assert fast["params_M"] == pytest.approx(2.5) and fast["gmacs"] == pytest.approx(0.3)
-    assert fast["best_top1"] == pytest.approx(74.0) and fast["device"] == "NVIDIA H100 80GB HBM3 (cuda)"
+    assert fast["best_top1"] == pytest.approx(74.0) and fast["device"] == "NVIDIA L40S (cuda)"
     slow = _row_of(models, model="slownet")
+    assert (fast["device_class"], fast["bench_img_size"], slow["device_class"], slow["bench_img_size"]) == (
+        "GPU",
+        224,
+        "CPU",
+        32,
+    )
     assert slow["b1_p50_ms"] == 30.0 and slow["excluded_forms"] == "reparam"  # broken reparam is not honest
     assert fast["pareto_latency"] == "yes" and slow["pareto_latency"] == "no"  # fastnet is faster and better
 
@@ -246,12 +314,15 @@ def test_claims(built: dict) -> None:
     assert "Bonferroni" in a_fast["note"]
     a_slow = _row_of(claims, claim_id="a", model="slownet")  # +4 from one seed: out of range, noise unknown
     assert a_slow["in_range"] == "no" and a_slow["beyond_seed_noise"] == "n/a" and a_slow["holds"] == "no"
-    b_fast = _row_of(claims, claim_id="b", model="fastnet")
-    assert b_fast["holds"] == "yes" and "H100" in b_fast["device"] and "2.50 ms" in b_fast["measured"]
-    assert _row_of(claims, claim_id="b", model="slownet")["holds"] == "no"
-    assert "Intel Xeon Gold (cpu)" in _row_of(claims, claim_id="b", model="slownet")["device"]
+    b_fast = _row_of(claims, claim_id="b", model="fastnet")  # 224 px on an L40S, 2.5 ms under 5 ms: holds
+    assert b_fast["holds"] == "yes" and "L40S" in b_fast["device"] and "2.50 ms" in b_fast["measured"]
+    assert "(224 px, L40S GPU)" in b_fast["claim"]
+    b_slow = _row_of(claims, claim_id="b", model="slownet")  # 32 px on a CPU: what it measured, but no verdict
+    assert b_slow["holds"] == "not comparable (32 px, CPU)" and "10.00 ms" not in b_slow["measured"]
+    assert "p50 30.00 ms" in b_slow["measured"] and "cannot test it" in b_slow["note"]
+    assert "Intel Xeon Gold (cpu)" in b_slow["device"]
     assert _row_of(claims, claim_id="c", model="fastnet")["holds"] == "yes"
-    assert _row_of(claims, claim_id="c", model="slownet")["holds"] == "no"
+    assert _row_of(claims, claim_id="c", model="slownet")["holds"] == "not comparable (32 px, CPU)"
     assert _row_of(claims, claim_id="b", model="ghostnet")["holds"] == "n/a"  # not benchmarked: not refuted
 
 
@@ -268,7 +339,7 @@ def test_claim_in_range_but_noisy(study: dict) -> None:
 def test_files_written(built: dict) -> None:
     out, summary = built["out"], built["summary"]
     for name in report.TABLES:
-        for fmt in report.TABLE_FORMATS:
+        for fmt in report_write.TABLE_FORMATS:
             path = out / f"{name}.{fmt}"
             assert path.stat().st_size > 0, path
             assert summary["tables"][name][fmt] == str(path)

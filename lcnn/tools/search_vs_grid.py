@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lcnn.report import display_frame, write_table
+from lcnn.report_write import display_frame, write_table
 from lcnn.search import halving_table
 from lcnn.utils import LcnnError, cli, read_json
 

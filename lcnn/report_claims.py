@@ -1,0 +1,132 @@
+"""The claims table: each headline claim of the study next to what this run measured, with its verdict.
+
+A gain claim holds only when the gain is in the claimed range and beyond seed-to-seed noise. A latency or
+throughput claim was made under conditions (``report.claim_img_size`` px on a ``report.claim_device`` such as
+an L40S GPU): a benchmark at another resolution or on another device can say what it measured, but it can
+neither make the claim hold nor refute it, so its verdict reads "not comparable (32 px, CPU)".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from lcnn.report_tables import num, yn
+
+CLAIM_COLUMNS = ["claim_id", "model", "claim", "measured", "holds", "in_range", "beyond_seed_noise", "device", "note"]
+
+
+def claim_conditions(rep: dict) -> str:
+    """The conditions a timing claim was made under, e.g. "224 px, L40S GPU"."""
+    device = rep["claim_device"].upper()
+    return f"{rep['claim_img_size']} px, {rep['claim_device_name'] + ' ' if rep['claim_device_name'] else ''}{device}"
+
+
+def incomparable(model_row: Any, rep: dict) -> str | None:
+    """Why a benchmark cannot test a timing claim (e.g. "32 px, CPU"), or None when it ran under its conditions.
+
+    The resolution and device class must match the claim's; when the claim names a device (``claim_device_name``,
+    e.g. L40S), the benchmark's device name must contain it too, since another GPU says nothing about that one.
+    """
+    size, cls = model_row.get("bench_img_size"), str(model_row.get("device_class") or "n/a")
+    device = str(model_row.get("device") or "n/a").rsplit(" (", 1)[0]
+    size_txt = f"{int(size)} px" if size is not None and not pd.isna(size) else "unknown size"
+    if size_txt != f"{int(rep['claim_img_size'])} px" or cls != rep["claim_device"].upper():
+        return f"{size_txt}, {cls}"
+    name = rep.get("claim_device_name")
+    if name and name.lower() not in device.lower():
+        return f"{size_txt}, {device}"
+    return None
+
+
+def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, lo: float, hi: float) -> list[dict]:
+    rows = []
+    for _, b in best.iterrows():
+        devices = ", ".join(sorted({str(d) for d in runs[runs["model"] == b["model"]]["device"].dropna()})) or "n/a"
+        row = {"claim_id": "a", "claim": f"tuning alone gains {lo:g} to {hi:g} top-1 points", "model": b["model"]}
+        row["device"] = f"training: {devices}"
+        if b["best_variant"] == "n/a" or pd.isna(b.get("gain")):
+            rows.append(row | {"measured": "no comparable variant", "in_range": "n/a", "beyond_seed_noise": "n/a"})
+            rows[-1] |= {"holds": "n/a", "note": "needs successful baseline and variant runs"}
+            continue
+        g, sig = float(b["gain"]), b["significant"]
+        ci = f"95% CI [{num(b['gain_ci_lo'])}, {num(b['gain_ci_hi'])}]" if sig != "n/a" else "CI n/a"
+        measured = f"best {b['best_variant']} ({b['axis']}): {g:+.2f} pts, {ci}, n={b['n']} vs {b['n_baseline']}"
+        in_range = lo <= g <= hi
+        beyond = "n/a" if sig == "n/a" else yn(float(b["gain_ci_lo"]) > 0)
+        if beyond == "n/a":
+            note = "one seed on a side: seed noise unknown, so the gain cannot be called real"
+        elif beyond == "no":
+            note = "the CI includes 0: the gain is within seed-to-seed noise"
+        elif b["significant_corrected"] != "yes":
+            note = f"not significant after Bonferroni correction over {b['n_compared']} variants (best-of-many)"
+        else:
+            note = ""
+        holds = yn(in_range and beyond == "yes")
+        row |= {"measured": measured, "in_range": yn(in_range), "beyond_seed_noise": beyond, "holds": holds}
+        rows.append(row | {"note": note})
+    return rows
+
+
+def _timing_claim(row: dict, value: float, measured: str, passed: bool, why_not: str | None, rep: dict) -> dict:
+    """One latency/throughput verdict: yes/no under the claim's conditions, "not comparable (...)" otherwise."""
+    if pd.isna(value):
+        return row | {"measured": measured, "holds": "n/a", "note": "not measured"}
+    if why_not:
+        note = f"the claim is for {claim_conditions(rep)}; this benchmark ran at {why_not}, so it cannot test it"
+        return row | {"measured": measured, "holds": f"not comparable ({why_not})", "note": note}
+    return row | {"measured": measured, "holds": yn(passed), "note": row["note"]}
+
+
+def claims_table(
+    best: pd.DataFrame, models: pd.DataFrame, bench: pd.DataFrame, runs: pd.DataFrame, rep: dict
+) -> pd.DataFrame:
+    """Each headline claim next to what this run measured, with its verdict and the device named."""
+    lo, hi = rep["gain_range"]
+    rows = _gain_claims(best, runs, lo, hi)
+    where = claim_conditions(rep)
+    for model in rep["fast_models"]:
+        m = models[models["model"] == model]
+        m = m.iloc[0] if len(m) else pd.Series({"device": "n/a"})
+        why_not = incomparable(m, rep)
+        base = {"model": model, "device": f"benchmark: {m.get('device', 'n/a')}", "in_range": ""}
+        base["beyond_seed_noise"] = "n/a (timing)"
+        p50 = m.get("b1_p50_ms", math.nan)
+        row = base | {"claim_id": "b", "claim": f"batch-1 latency under {rep['latency_ms']:g} ms ({where})"}
+        row["note"] = "best p50 over forms/precisions on the benchmark device"
+        measured = "no successful batch-1 measurement"
+        if not pd.isna(p50):
+            measured = f"p50 {p50:.2f} ms (p99 {num(m['b1_p99_ms'])} ms; {m['b1_config']}, batch 1)"
+        rows.append(_timing_claim(row, p50, measured, p50 < rep["latency_ms"], why_not, rep))
+        thr = m.get("max_throughput_ips", math.nan)
+        row = base | {"claim_id": "c", "claim": f"throughput above {rep['throughput_ips']:g} images/s ({where})"}
+        row["note"] = "best batch size on the benchmark device"
+        measured = "no successful measurement"
+        if not pd.isna(thr):
+            measured = f"{thr:.0f} images/s at batch {int(m['max_throughput_batch'])} ({m['max_throughput_config']})"
+        rows.append(_timing_claim(row, thr, measured, thr > rep["throughput_ips"], why_not, rep))
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def halving_claims(claims: pd.DataFrame, summaries: list[dict], rep: dict) -> pd.DataFrame:
+    """A halving search that carried no variant to the full budget leaves no gain to test: say so per model."""
+    have = set(claims.loc[claims["claim_id"] == "a", "model"])
+    lo, hi = rep["gain_range"]
+    rows = []
+    for s in summaries:
+        if s["model"] in have:
+            continue
+        last = s["rungs"][-1] if s["rungs"] else {}
+        best = next((v for v in last.get("ranking", []) if v != "baseline"), "n/a")
+        rows.append(
+            {"claim_id": "a", "model": s["model"], "claim": f"tuning alone gains {lo:g} to {hi:g} top-1 points"}
+            | {"measured": f"halving kept no variant to the full budget (winner: {s['winner']})", "holds": "n/a"}
+            | {"in_range": "n/a", "beyond_seed_noise": "n/a", "device": "training: see runs"}
+            | {"note": f"every variant was eliminated by rung {last.get('rung')} (best then: {best}); no gain measured"}
+        )
+    if not rows:
+        return claims
+    out = pd.concat([claims, pd.DataFrame(rows, columns=claims.columns)], ignore_index=True)
+    return out.sort_values(["claim_id", "model"], kind="stable", ignore_index=True)

@@ -1,0 +1,203 @@
+"""The study's tables, each a DataFrame with raw numbers: accuracy, gains, best variants, runs, compute, latency.
+
+Seed-to-seed noise is shown next to every gain: a gain whose confidence interval includes 0 is reported as not
+significant, whatever its size, and runs that diverged are counted in their own column instead of being averaged
+in as zeros. The statistics come from :mod:`lcnn.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from lcnn.stats import bonferroni, mean_ci, pareto_mask, welch_gain
+
+
+def yn(flag: Any) -> str:
+    """A table cell for a verdict: yes, no, or n/a when it could not be decided."""
+    return "n/a" if flag is None or (isinstance(flag, float) and math.isnan(flag)) else ("yes" if flag else "no")
+
+
+def num(x: Any, spec: str = ".2f") -> str:
+    """A number as people read it, "n/a" when there is none."""
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return format(f, spec) if math.isfinite(f) else "n/a"
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"]
+
+
+def _variant_order(variants: Any, baseline: str) -> list[str]:
+    return sorted(set(variants), key=lambda v: (v != baseline, v))
+
+
+def accuracy_table(runs: pd.DataFrame, conf: float = 0.95, baseline: str = "baseline") -> pd.DataFrame:
+    """Top-1/top-5 mean, std and CI over the seeds that did not diverge; diverged seeds get their own columns."""
+    rows = []
+    for model in sorted(runs["model"].unique()):
+        sub = runs[runs["model"] == model]
+        for variant in _variant_order(sub["variant"], baseline):
+            grp = sub[sub["variant"] == variant]
+            ok, div = _ok(grp), grp[grp["status"] == "diverged"]
+            row = {"model": model, "variant": variant, "axis": grp["axis"].iloc[0], "n_runs": len(grp)}
+            row |= {"n_ok": len(ok), "n_diverged": len(div), "diverged_seeds": " ".join(str(s) for s in div["seed"])}
+            for metric in ("top1", "top5"):
+                st = mean_ci(ok[metric], conf)
+                row |= {f"{metric}_{k}": st[k] for k in ("mean", "std", "ci_lo", "ci_hi")}
+            row["status"] = "ok" if len(ok) == len(grp) else ("diverged" if len(ok) == 0 else "partly diverged")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def gains_table(
+    runs: pd.DataFrame, baseline: str = "baseline", conf: float = 0.95, searched: dict[str, int] | None = None
+) -> pd.DataFrame:
+    """Top-1 gain of each variant over its model's baseline, with a Welch CI and a significance flag.
+
+    ``significant_corrected`` repeats the test at a Bonferroni-corrected level over the model's variants,
+    because picking the best of many variants inflates the best gain even when nothing works. After a halving
+    search, ``searched`` gives each model's number of candidate variants: the finalists were picked from all of
+    them, so the correction counts them all, not only the few that reached the full budget.
+    """
+    rows = []
+    for model in sorted(runs["model"].unique()):
+        sub = runs[runs["model"] == model]
+        base = _ok(sub[sub["variant"] == baseline])["top1"]
+        variants = [v for v in _variant_order(sub["variant"], baseline) if v != baseline]
+        k = max(len(variants), (searched or {}).get(model, 0), 1)
+        for variant in variants:
+            grp = sub[sub["variant"] == variant]
+            ok = _ok(grp)
+            g = welch_gain(ok["top1"], base, conf)
+            gc = welch_gain(ok["top1"], base, bonferroni(conf, k))
+            if len(base) == 0:
+                note = f"no successful '{baseline}' run to compare with"
+            elif len(ok) == 0:
+                note = "all runs diverged"
+            elif g["significant"] is None:
+                note = "fewer than 2 seeds on a side: no CI, noise unknown"
+            else:
+                note = ""
+            rows.append(
+                {"model": model, "variant": variant, "axis": grp["axis"].iloc[0], "n": g["n"]}
+                | {"n_baseline": g["n_baseline"], "n_diverged": int((grp["status"] == "diverged").sum())}
+                | {"baseline_top1": mean_ci(base)["mean"], "top1_mean": mean_ci(ok["top1"])["mean"]}
+                | {"gain": g["gain"], "gain_ci_lo": g["ci_lo"], "gain_ci_hi": g["ci_hi"], "welch_df": g["df"]}
+                | {"significant": yn(g["significant"]), "significant_corrected": yn(gc["significant"])}
+                | {"n_compared": max(len(variants), (searched or {}).get(model, 0)), "note": note}
+            )
+    cols = ["model", "variant", "axis", "n", "n_baseline", "n_diverged", "baseline_top1", "top1_mean", "gain"]
+    cols += ["gain_ci_lo", "gain_ci_hi", "welch_df", "significant", "significant_corrected", "n_compared", "note"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _best(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    cols = keys + ["best_variant"] + [c for c in df.columns if c not in ("model", "variant", "note", *keys)]
+    rows = []
+    for key, grp in df.groupby(keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        usable = grp[grp["gain"].notna()]
+        if usable.empty:
+            rows.append(dict(zip(keys, key, strict=True)) | {"best_variant": "n/a"})
+            continue
+        top = usable.sort_values(["gain", "variant"], ascending=[False, True]).iloc[0]
+        rows.append(top.drop(["variant", "note"]).to_dict() | {"best_variant": top["variant"]})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def best_tables(gains: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Best variant (highest mean gain) per model, and per model x axis."""
+    return _best(gains, ["model"]), _best(gains, ["model", "axis"])
+
+
+def _hours_unit(device_type: Any) -> str:
+    return {"cuda": "GPU-hours", "cpu": "CPU-hours"}.get(str(device_type), f"{device_type}-hours")
+
+
+def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run with its status, epochs and compute; diverged runs keep their row (accuracy shown as status)."""
+    df = runs.copy()
+    df["hours_unit"] = df["device_type"].map(_hours_unit)
+    df["diverged_at"] = [
+        f"epoch {d.get('epoch')} step {d.get('step')}" if isinstance(d, dict) else "" for d in df["diverged_at"]
+    ]
+    return df.drop(columns=["params"]).sort_values(["model", "variant", "seed"], kind="stable")
+
+
+def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Epochs and device-hours per model and in total, split by device type (GPU-hours vs CPU-hours)."""
+    df = runs.assign(hours_unit=runs["device_type"].map(_hours_unit))
+    rows = []
+    for model_key, grp in [*df.groupby(["model", "hours_unit"], sort=True), *df.groupby(["hours_unit"], sort=True)]:
+        model, unit = model_key if len(model_key) == 2 else ("ALL", model_key[0])
+        rows.append(
+            {"model": model, "hours_unit": unit, "runs": len(grp), "runs_ok": int((grp["status"] == "ok").sum())}
+            | {"runs_diverged": int((grp["status"] == "diverged").sum())}
+            | {"epochs_completed": grp["epochs_completed"].sum(), "device_hours": grp["device_hours"].sum()}
+        )
+    cols = ["model", "hours_unit", "runs", "runs_ok", "runs_diverged", "epochs_completed", "device_hours"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def latency_table(bench: pd.DataFrame) -> pd.DataFrame:
+    """Latency p50/p99 and throughput per model x form x precision x memory format x batch, any status."""
+    cols = ["model", "device_name", "form", "engine", "precision", "channels_last", "batch_size", "status"]
+    cols += ["latency_ms_p50", "latency_ms_p99", "throughput_ips", "main_device", "equivalent"]
+    keys = ["model", "form", "engine", "precision", "channels_last", "batch_size"]
+    return bench[cols].sort_values(keys, kind="stable", key=lambda s: s.astype(str) if s.dtype == object else s)
+
+
+def _usable(bench: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Rows that may back a speed claim: ok, on the benchmark's main device, and numerically equivalent."""
+    b = bench[(bench["model"] == model) & (bench["status"] == "ok")]
+    return b[b["main_device"].astype(bool) & b["equivalent"].astype(bool)]
+
+
+def _config(row: pd.Series) -> str:
+    return f"{row['form']}, {row['precision']}{', channels_last' if row['channels_last'] else ''}"
+
+
+def models_table(
+    acc: pd.DataFrame, best: pd.DataFrame, bench: pd.DataFrame, bench_models: pd.DataFrame, baseline: str
+) -> pd.DataFrame:
+    """One row per model: size, accuracy (baseline and best), batch-1 latency, peak throughput, Pareto flags, and
+    the device class and resolution the benchmark ran at (a claim compares only like with like)."""
+    rows = []
+    for model in sorted(set(acc["model"]) | set(bench_models["model"])):
+        a = acc[(acc["model"] == model) & acc["top1_mean"].notna()]
+        info = bench_models[bench_models["model"] == model]
+        info = info.iloc[0].to_dict() if len(info) else {}
+        base = a[a["variant"] == baseline]["top1_mean"]
+        top = a.sort_values(["top1_mean", "variant"], ascending=[False, True]).head(1)
+        row = {"model": model, "timm_name": info.get("timm_name"), "device": info.get("device", "n/a")}
+        row |= {"device_class": info.get("device_class", "n/a"), "bench_img_size": info.get("img_size")}
+        params = info.get("params")
+        row |= {"params_M": float(params) / 1e6 if params is not None else math.nan, "gmacs": info.get("gmacs")}
+        row |= {"baseline_top1": base.iloc[0] if len(base) else math.nan}
+        row |= {"best_variant": top["variant"].iloc[0] if len(top) else "n/a"}
+        row |= {"best_top1": top["top1_mean"].iloc[0] if len(top) else math.nan}
+        u = _usable(bench, model)
+        b1 = u[u["batch_size"] == 1].dropna(subset=["latency_ms_p50"])
+        if len(b1):
+            r = b1.loc[b1["latency_ms_p50"].idxmin()]
+            row |= {"b1_p50_ms": r["latency_ms_p50"], "b1_p99_ms": r["latency_ms_p99"], "b1_config": _config(r)}
+        thr = u.dropna(subset=["throughput_ips"])
+        if len(thr):
+            r = thr.loc[thr["throughput_ips"].idxmax()]
+            row |= {"max_throughput_ips": r["throughput_ips"], "max_throughput_batch": r["batch_size"]}
+            row |= {"max_throughput_config": _config(r)}
+        row["excluded_forms"] = info.get("excluded_forms", "")
+        rows.append(row)
+    cols = ["model", "timm_name", "device", "device_class", "bench_img_size", "params_M", "gmacs", "baseline_top1"]
+    cols += ["best_variant", "best_top1", "b1_p50_ms", "b1_p99_ms", "b1_config", "max_throughput_ips"]
+    cols += ["max_throughput_batch", "max_throughput_config", "excluded_forms"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["pareto_latency"] = [yn(m) for m in pareto_mask(df["b1_p50_ms"], df["best_top1"])]
+    df["pareto_throughput"] = [yn(m) for m in pareto_mask(df["max_throughput_ips"], df["best_top1"], False)]
+    return df
