@@ -10,12 +10,21 @@ from lcnn.report import TABLES as REPORT_TABLES
 REPORT_DIR = "results/report"
 
 
+# what the report reads: rules/report_inputs.smk
+include: "report_inputs.smk"
+
+
+# Every file the report reads is a declared input, so Snakemake builds it, tracks it, and reruns the report when
+# it changes; nothing is read because it happens to exist. A grid study and a halving search in one folder are set
+# against each other only with report.halving_vs_grid (halving mode): that declares every candidate's grid result
+# too, so the grid is trained when it is not there yet, and the halving table measures it instead of estimating.
 rule report:
     input:
         results=result_files,
         histories=history_files,
         benchmarks=benchmark_files,
         search=search_summary_files,
+        grid=report_grid_results,
     output:
         claims=report(
             f"{REPORT_DIR}/claims.html",
@@ -125,12 +134,9 @@ rule report:
                 "search_mode": config["search"]["mode"],
             }
         ),
-        # halving vs grid: the halving summaries, and grid results already on disk (read, never built from here)
-        search=report_search_files,
-        grid=report_grid_results,
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     shell:
         "python -m lcnn.report --config-json {params.cfg:q}"
         " --results {input.results:q} --histories {input.histories:q}"
-        " --benchmarks {input.benchmarks:q} --search {params.search:q} --grid-results {params.grid:q}"
+        " --benchmarks {input.benchmarks:q} --search {input.search:q} --grid-results {input.grid:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

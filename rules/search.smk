@@ -9,6 +9,10 @@
 # from, and a declared file that is cleaned up after the study would make Snakemake retrain to rebuild it.
 
 
+# the input functions of these rules: rules/search_inputs.smk (snakemake --lint keeps rules and functions apart)
+include: "search_inputs.smk"
+
+
 localrules:
     select_rung,
     collect_halving,
