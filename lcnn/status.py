@@ -1,8 +1,9 @@
 """How far the study has got: every expected run's state, the GPU-hours spent and an estimate of what is left.
 
 Why: with hundreds of SLURM jobs in flight, Snakemake's own output says little about the study as a whole. This
-reads only what the workflow leaves on disk (run folders, results, rule logs) and, where ``sacct`` answers,
-SLURM's job states; it never touches ``.snakemake/`` (its lock included), so it is safe while Snakemake runs::
+reads only what the workflow leaves on disk (run folders, results, rule logs) and, where SLURM answers, the job
+states from ``sacct`` (history) and ``squeue`` (live). It never touches ``.snakemake/`` (its lock included), so
+it is safe while Snakemake runs::
 
     python -m lcnn.status                       # the study in config.yaml, from the current folder
     python -m lcnn.status --configfile profiles/demo/study.yaml --json
@@ -59,20 +60,34 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- SLURM
-def sacct_jobs(since: str = "now-30days") -> tuple[list[dict[str, str]] | None, str]:
-    """This user's SLURM jobs since ``since`` (allocations only), or None with the reason SLURM gave none."""
-    if shutil.which("sacct") is None:
-        return None, "no sacct on this machine: SLURM job states not read"
-    cmd = ["sacct", "-X", "-n", "-P", "--starttime", since, "-o", ",".join(SACCT_FIELDS)]
+def _query(cmd: list[str]) -> tuple[list[list[str]] | None, str]:
+    """A SLURM command's '|'-separated output lines, or None and why it gave none."""
+    if shutil.which(cmd[0]) is None:
+        return None, f"no {cmd[0]} on this machine"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return None, f"sacct did not answer ({type(err).__name__}): SLURM job states not read"
+        return None, f"{cmd[0]} did not answer ({type(err).__name__})"
     if proc.returncode != 0:
-        first = (proc.stderr.strip().splitlines() or [""])[0]
-        return None, f"sacct failed ({first}): SLURM job states not read"
-    rows = [dict(zip(SACCT_FIELDS, line.split("|"))) for line in proc.stdout.splitlines() if line.count("|") >= 6]
-    return rows, f"{len(rows)} SLURM jobs since {since}"
+        return None, f"{cmd[0]} failed ({(proc.stderr.strip().splitlines() or [''])[0]})"
+    return [line.split("|") for line in proc.stdout.splitlines() if line.strip()], ""
+
+
+def slurm_jobs(since: str = "now-30days") -> tuple[list[dict[str, str]] | None, str]:
+    """This user's SLURM jobs: ``sacct`` for the history, ``squeue`` for the live ones, or None and why.
+
+    squeue comes last and wins: accounting may only store a job's comment when the job ends, while the
+    controller knows it from submission (seen on the SLURM test cluster).
+    """
+    done, why_a = _query(["sacct", "-X", "-n", "-P", "--starttime", since, "-o", ",".join(SACCT_FIELDS)])
+    live, why_q = _query(["squeue", "--me", "-h", "-o", "%i|%j|%T|%k|%M|%V|%b"])
+    if done is None and live is None:
+        return None, f"{why_a}; {why_q}: SLURM job states not read"
+    jobs = {r[0]: dict(zip(SACCT_FIELDS, r)) for r in done or [] if len(r) == len(SACCT_FIELDS)}
+    jobs.update({r[0]: dict(zip(SACCT_FIELDS, r)) for r in live or [] if len(r) == len(SACCT_FIELDS)})
+    note = f"{len(jobs)} SLURM jobs since {since} ({len(live or [])} in the queue)"
+    missing = "; ".join(w for w in (why_a, why_q) if w)
+    return list(jobs.values()), note + (f"; {missing}" if missing else "")
 
 
 def _seconds(elapsed: str) -> float:
@@ -85,7 +100,8 @@ def _seconds(elapsed: str) -> float:
 
 
 def _gpus(tres: str) -> int:
-    counts = [int(n) for n in re.findall(r"gres/gpu(?::[^=,]+)?=(\d+)", tres or "")]
+    """GPUs in sacct's AllocTRES (gres/gpu:a100=2) or squeue's tres-per-node (gres:gpu:a100:2)."""
+    counts = [int(n) for n in re.findall(r"gpu(?::[A-Za-z][\w-]*)?[:=](\d+)", tres or "")]
     return max(counts) if counts else 0
 
 
@@ -197,7 +213,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """The study's status (``cfg``: directory, configfiles, since, stale_after_min, slurm)."""
     workdir = Path(cfg.get("directory") or ".")
     conf = load_config(workdir, cfg.get("configfiles") or [])
-    jobs, slurm_note = sacct_jobs(cfg.get("since", "now-30days")) if cfg.get("slurm", True) else (None, "off")
+    jobs, slurm_note = slurm_jobs(cfg.get("since", "now-30days")) if cfg.get("slurm", True) else (None, "off")
     by_run = jobs_by_run(jobs, slurm_log_keys(workdir)) if jobs else {}
     stale = 60 * cfg.get("stale_after_min", 30)
     rows = [run_status(r, workdir, by_run.get((r["rule"], r["key"])), stale) for r in expected_runs(conf, workdir)]

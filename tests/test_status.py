@@ -157,14 +157,18 @@ def test_status_of_the_tiny_study_after_a_failure_and_a_divergence(tiny_study, t
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_status_sees_running_and_queued_slurm_jobs(slurm_cluster, tmp_path):  # noqa: F811
-    """The tiny study's four training jobs on the test cluster's two GPUs: while two run, two wait, and status
-    reads both states from sacct (matched by the SLURM plugin's job comment), then all four done."""
+    """The tiny study's four training jobs on the test cluster, two at a time (each asks for 100 of its 250 GB):
+    while two run and two wait, status reads both states from SLURM (matched by the SLURM plugin's job comment),
+    then all four are done."""
     from test_slurm import WORKFLOW_TIMEOUT_S, make_profile, start_snakemake
 
     from lcnn import config as study
 
     work = copy_workflow(tmp_path / "study")
     profile = make_profile(tmp_path / "profile", slurm_cluster)
+    settings = yaml.safe_load((profile / "config.yaml").read_text())
+    settings["set-resources"]["train"]["mem_mb"] = 100_000  # two of the node's 250 GB: two jobs run, two wait
+    (profile / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     runs = study.runs(tiny_config())
     targets = [f"runs/{r['model']}/{r['variant']}/seed{r['seed']}/metrics.json" for r in runs]
     args = ["--profile", str(profile), "--configfile", *OVERLAYS, "--", *targets]
