@@ -82,6 +82,21 @@ def test_throughput_check_times_both_loops_on_the_cpu():
     assert row["ratio"] == pytest.approx(row["lcnn_images_per_s"] / row["bare_images_per_s"])
 
 
+def test_run_writes_both_files_from_a_real_check_on_the_cpu(tmp_path):
+    """The harness end to end on the CPU: one small model's training check, then the JSON and Markdown."""
+    cfg = {"out": tmp_path, "device": "cpu", "checks": ["train"], "img_size": 32, "precisions": ["bf16"],
+           "models": ["mobilenetv3_l"]}  # fmt: skip
+    result = gpu_check.run(cfg)
+    assert result["status"] == "ok" and len(result["checks"]) == 1
+    check = result["checks"][0]
+    assert check["name"] == "train" and check["status"] == "ok" and len(check["rows"]) == 1
+    assert check["rows"][0]["model"] == "mobilenetv3_large_100" and check["rows"][0]["steps"] == 20
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["checks"][0]["rows"][0]["losses"] == check["rows"][0]["losses"]
+    md, torch_version = (tmp_path / "gpu_check.md").read_text(), saved["env"]["packages"]["torch"]
+    assert torch_version and f"**torch:** {torch_version}" in md and "| train " in md
+
+
 def test_harness_records_crashes_and_the_global_deadline():
     budgets = gpu_check.BUDGETS_S
     crashed = gpu_check.run_checks({}, ["train"], deadline_s=60, budgets=budgets)  # ctx lacks what train needs

@@ -104,11 +104,10 @@ def train_steps(
     model.train()
     losses = []
     for _ in range(steps):
-        with accelerator.accumulate(model):
-            loss = loss_fn(model(images), targets)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), targets)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach().float())
     values = torch.stack(losses).cpu().tolist()
     window = 5 if steps >= 15 else max(1, steps // 3)
@@ -587,13 +586,19 @@ def run_checks(ctx: dict[str, Any], names: list[str], deadline_s: float, budgets
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run the checks (``cfg``: out, config, checks, deadline_s) and write gpu_check.json and gpu_check.md."""
+    """Run the checks and write gpu_check.json and gpu_check.md into ``cfg['out']``.
+
+    cfg keys: out, config (its models), checks (names, default all), deadline_s, budgets; and, so the harness can
+    be exercised on the CPU, device ("cuda"), img_size (224), precisions (bf16, fp16) and models (all).
+    """
     import torch
 
     from lcnn import config as study
 
     config_path = Path(cfg.get("config") or REPO / "config.yaml")
     models = study.load(config_path)["models"]
+    if cfg.get("models"):
+        models = {name: models[name] for name in cfg["models"]}
     names = cfg.get("checks") or list(CHECKS)
     unknown = sorted(set(names) - set(CHECKS))
     if unknown:
@@ -601,16 +606,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg.get("out") or "gpu_check")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-        ctx = {
-            "device": "cuda",
-            "models": models,
-            "precisions": ["bf16", "fp16"],
-            "img_size": 224,
-            "work": Path(work),
-            "config_path": config_path,
-            "gpu_count": torch.cuda.device_count(),
-            "resume_precision": "fp16",
-        }
+        ctx = {"device": cfg.get("device", "cuda"), "models": models, "img_size": cfg.get("img_size", 224),
+               "precisions": cfg.get("precisions", ["bf16", "fp16"]), "work": Path(work), "config_path": config_path,
+               "gpu_count": torch.cuda.device_count(), "resume_precision": "fp16"}  # fmt: skip
         checks = run_checks(ctx, names, cfg.get("deadline_s", DEADLINE_S), {**BUDGETS_S, **cfg.get("budgets", {})})
     result = {
         "status": "failed" if any(c["status"] == "failed" for c in checks) else "ok",
