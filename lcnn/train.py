@@ -24,13 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm import tqdm
 
-from lcnn import checkpoint, devices, models
+from lcnn import checkpoint, devices, models, tracking
 from lcnn.config import RECIPE_TRAIN_KEYS, merge_run
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
-from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli, environment, json_arg, peak_rss_mb
+from lcnn.utils import (
+    LcnnError,
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    cli,
+    environment,
+    json_arg,
+    peak_rss_mb,
+)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -126,7 +137,9 @@ def setup(cfg: dict[str, Any]) -> Job:
         raise LcnnError("train.precision is fp16 but there is no GPU; use bf16 or no on the CPU")
     if tcfg.get("deterministic"):  # bit-identical resume on a GPU, at some cost in speed
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    trackers = tracking.trackers(cfg)  # an uninstalled tracker stops here, in one line, before any training
     accelerator = Accelerator(
+        log_with=trackers or None,
         mixed_precision=precision,
         cpu=device == "cpu",
         dynamo_backend="no",  # explicit: ACCELERATE_* variables and config files never change a study's job
@@ -187,6 +200,10 @@ def setup(cfg: dict[str, Any]) -> Job:
         epochs=epochs,
         stop_at=stop_at,
     )
+    if trackers:
+        if "mlflow" in tcfg.get("log_with", []) and accelerator.is_main_process:
+            tracking.ensure_mlflow_experiment()
+        accelerator.init_trackers(tracking.PROJECT, config=tracking.hparams(cfg))
     # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
     set_seed(cfg["seed"], device_specific=True, deterministic=bool(tcfg.get("deterministic")))
     return job
@@ -274,6 +291,9 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, int] | None:
     step_dev = torch.tensor(prog.step, device=device)
     first_bad = torch.tensor(-1, device=device)
     train_loss_fn, log_every, t0 = job.losses[0], tcfg.get("log_every", 50), time.perf_counter()
+    # a progress bar on a terminal; plain lines in a log file
+    interactive = acc.is_main_process and sys.stdout.isatty()
+    bar = tqdm(total=job.steps, initial=prog.step, desc=f"epoch {epoch + 1}", leave=False, disable=not interactive)
     for images, targets in loader:
         if prog.step >= job.steps:
             break
@@ -305,14 +325,18 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, int] | None:
         if bad:
             prog.train_seconds += time.perf_counter() - t0
             return {"epoch": epoch + 1, "step": min(bad)}
-        acc.print(
-            f"[{job.tag}] epoch {epoch + 1} step {prog.step}/{job.steps} "
-            f"loss {totals['loss_sum'] / totals['n_loss']:.4f}"
-        )
+        running = totals["loss_sum"] / totals["n_loss"]
+        lr = job.optimizer.param_groups[0]["lr"]
+        acc.log({"train/loss": running, "train/lr": lr}, step=epoch * job.steps + prog.step)
+        if bar.disable:
+            acc.print(f"[{job.tag}] epoch {epoch + 1} step {prog.step}/{job.steps} loss {running:.4f}")
+        bar.update(prog.step - bar.n)
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
         if stop.signum is not None:
             acc.set_trigger()
         if acc.check_trigger():
             _save_and_exit(job, stop, time.perf_counter() - t0)
+    bar.close()
     elapsed = time.perf_counter() - t0
     totals["seconds"] += elapsed
     prog.train_seconds += elapsed
@@ -363,6 +387,17 @@ def end_epoch(job: Job) -> None:
         "seconds": seconds,
     }
     prog.history.append(row)
+    job.accelerator.log(
+        {
+            "epoch": epoch + 1,
+            "train/epoch_loss": row["train_loss"],
+            "eval/loss": row["val_loss"],
+            "eval/top1": row["top1"],
+            "eval/top5": row["top5"],
+            "train/images_per_s": row["images_per_s"],
+        },
+        step=(epoch + 1) * job.steps,
+    )
     prog.epoch, prog.step, prog.epoch_acc = epoch + 1, 0, Progress.fresh_acc()
     if job.scheduler is not None:
         job.scheduler.step(epoch + 1)
@@ -440,6 +475,8 @@ def finish(job: Job, diverged: dict[str, int] | None) -> dict[str, Any]:
             metadata={"timm_name": cfg["timm_name"], "num_classes": str(job.num_classes)},
         )
         atomic_write_text(out / "history.csv", _history_csv(history))
+        atomic_save(out / "summary.csv", lambda tmp: _timm_summary(history, tmp))
+        atomic_write_text(out / "args.yaml", yaml.safe_dump(_jsonable(cfg), sort_keys=False))
         atomic_write_json(out / "config.json", {**cfg, "img_size": job.img_size, "num_classes": job.num_classes})
         atomic_write_json(out / "env.json", env)
         atomic_write_json(out / "metrics.json", metrics)
@@ -472,6 +509,22 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
         for row in history
     ]
     return "\n".join(lines) + "\n"
+
+
+def _timm_summary(history: list[dict[str, Any]], path: str) -> None:
+    """timm train.py's per-run summary.csv, written by timm's own ``update_summary``: scripts for timm read it."""
+    from timm.utils import update_summary
+
+    for i, row in enumerate(history):
+        train_metrics = {"loss": row["train_loss"]}
+        eval_metrics = {"loss": row["val_loss"], "top1": row["top1"], "top5": row["top5"]}
+        update_summary(row["epoch"], train_metrics, eval_metrics, path, lr=row["lr"], write_header=i == 0)
+    if not history:
+        Path(path).write_text("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
 
 
 def _dataset_size(cfg: dict[str, Any], split: str) -> int:
