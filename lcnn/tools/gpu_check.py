@@ -626,8 +626,9 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    frame = pd.DataFrame(rows)
-    return frame.reindex(columns=columns).to_markdown(index=False, floatfmt=".4g")
+    frame = pd.DataFrame(rows).reindex(columns=columns)
+    frame = frame.astype(object).where(frame.notna(), None)  # tabulate leaves None cells empty, not "nan"
+    return frame.to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -639,7 +640,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"- **card:** {env.get('device_name')} ({env.get('gpu_count')} visible, "
         f"{env.get('total_memory_gb', float('nan')):.1f} GB, compute {env.get('compute_capability')})",
-        f"- **driver:** {env.get('driver_version')}; **CUDA:** {env.get('cuda_version')}; "
+        f"- **driver:** {env.get('driver_version')}; **CUDA:** {env.get('cuda_version')} (torch's build); "
         f"**cuDNN:** {env.get('cudnn_version')}",
         f"- **torch:** {pkgs.get('torch')}; **timm:** {pkgs.get('timm')}; **accelerate:** {pkgs.get('accelerate')}",
         f"- **result:** {result['status']} in {result['seconds']} s",
@@ -650,7 +651,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     by_name = {c["name"]: c for c in result["checks"]}
     if by_name.get("train", {}).get("rows"):
         cols = ["model", "precision", "status", "first_mean", "last_mean", "skipped_steps", "reason"]
-        parts.append("## Training steps (20 steps, 224 px, fixed batch)\n\n" + _table(by_name["train"]["rows"], cols))
+        done = [r for r in by_name["train"]["rows"] if "steps" in r] or [{}]
+        head = f"## Training steps ({done[0].get('steps')} steps, {done[0].get('img_size')} px, one fixed batch)"
+        parts.append(head + "\n\n" + _table(by_name["train"]["rows"], cols))
     if by_name.get("throughput", {}).get("rows"):
         cols = ["model", "batch_size", "lcnn_images_per_s", "bare_images_per_s", "ratio"]
         parts.append(
