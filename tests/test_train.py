@@ -230,10 +230,10 @@ def test_trackers_and_timm_outputs_read_back_with_their_own_readers(built_data, 
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend(acc.Scalars(tag))
     assert [e.step for e in scalars["train/loss"]] == [5, 10, 15, 20, 25, 30]  # every log_every steps
-    assert [e.value for e in scalars["eval/top1"]] == pytest.approx(
-        list(history["top1"]), abs=1e-3
-    )  # float32, 6 digits
-    assert (tmp_path / "logs/tb").rglob("hparams.yml")  # HParams view: the recipe as hyperparameters
+    tb_top1 = [e.value for e in scalars["eval/top1"]]
+    assert tb_top1 == pytest.approx(list(history["top1"]), abs=1e-3)  # float32 against 6 digits
+    (hparams_file,) = (tmp_path / "logs/tb").rglob("hparams.yml")  # HParams view: the recipe as hyperparameters
+    assert yaml.safe_load(hparams_file.read_text())["opt"] == "sgd"
 
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     (experiment,) = [e for e in client.search_experiments() if e.name == "lcnn"]
