@@ -9,11 +9,12 @@ Why these choices:
   beyond REL_TOL is not timed (its row says why) instead of producing a fast-but-wrong number.
 * ``onnx_vs_eager_speedup_b1`` compares like with like: eager PyTorch fp32, NCHW, batch 1 on the CPU with
   ``torch.set_num_threads(onnx_threads)`` against ORT with ``intra_op_num_threads = onnx_threads``, both p50.
-* int8 comes in two forms, each its own row. **static**: ``quantize_static`` in QDQ format, weights per channel,
-  activation ranges calibrated (MinMax) on up to CALIB_IMAGES validation images that are not among the evaluated
-  ones; ORT fuses the QDQ pairs into integer kernels, which is what makes int8 faster. It needs a validation
-  manifest. **dynamic**: ``quantize_dynamic`` (weights int8, activations quantized at run time); its convolutions
-  become ConvInteger, which ORT runs slowly, so on CNNs it is usually slower than fp32.
+* int8 comes in two forms, each its own row. **static**: ``quantize_static`` in QDQ format, int8 weights per
+  channel, uint8 activations (U8S8, ORT's x86 choice: S8S8 ran MobileNetV3-L 7x slower on the CI machine), ranges
+  calibrated (MinMax) on up to CALIB_IMAGES validation images that are not among the evaluated ones; ORT fuses the
+  QDQ pairs into integer kernels, which is what makes int8 faster. It needs a validation manifest. **dynamic**:
+  ``quantize_dynamic`` (int8 weights, activations quantized at run time); its convolutions become ConvInteger,
+  which ORT runs slowly, so on CNNs it is usually slower than fp32.
 * int8 changes results, so it is judged by agreement, not by a tolerance: with a validation manifest, the top-1 of
   ORT fp32 and of each int8 form on the same ``val_limit`` images (``onnx_int8_<form>_top1_change``); without one,
   argmax agreement and max |diff| against ORT fp32 on random inputs. Non-finite outputs make the row "nan".
@@ -214,7 +215,7 @@ class Int8Data:
             self.eval = _inputs(img_size, N_AGREE_INPUTS)
             self.text = f"argmax agreement with ORT fp32 on {N_AGREE_INPUTS} random inputs (no accuracy)"
             return
-        dataset = timing.val_images(settings["val_manifest"], img_size, model)
+        dataset = timing.val_images(settings["val_manifest"], model, img_size)
         eval_idx = timing.val_indices(len(dataset), settings["val_limit"])
         rest = np.setdiff1d(np.arange(len(dataset)), eval_idx)
         calib_idx = rest[timing.val_indices(len(rest), CALIB_IMAGES)] if len(rest) else eval_idx[:CALIB_IMAGES]
@@ -247,7 +248,7 @@ def quantize(form: str, pre_path: Path, out: Path, calib: list[np.ndarray]) -> N
         name = onnx.load(str(pre_path), load_external_data=False).graph.input[0].name
         quantize_static(
             str(pre_path), str(out), _Calibration(name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         )  # fmt: skip
 
 

@@ -138,7 +138,7 @@ class Reference:
     @classmethod
     def for_model(cls, model: nn.Module, settings: dict, img_size: int, device: torch.device) -> Reference:
         if settings["val_manifest"]:
-            dataset = timing.val_images(settings["val_manifest"], img_size, model)
+            dataset = timing.val_images(settings["val_manifest"], model, img_size)
             indices = timing.val_indices(len(dataset), min(settings["val_limit"], CHECK_IMAGES))
             batches = [(x.to(device), y) for x, y in timing.image_batches(dataset, indices)]
             return cls(model, batches, f"{len(indices)} images of {settings['val_manifest']} (timm eval transform)")

@@ -180,14 +180,16 @@ def val_indices(n_images: int, limit: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_images - 1, min(n_images, limit)).astype(int))
 
 
-def val_images(manifest: str | Path, img_size: int, model: torch.nn.Module):
-    """A manifest's images with timm's eval transform at ``img_size`` (the model's normalization)."""
-    from timm.data import create_transform, resolve_data_config
-
+def val_images(manifest: str | Path, model: torch.nn.Module, img_size: int):
+    """A manifest's images through the trainer's own eval transform, so a top-1 here matches the run's top-1."""
     from lcnn.data import ManifestDataset
+    from lcnn.recipe import transforms
 
-    data_cfg = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
-    return ManifestDataset(manifest, transform=create_transform(**data_cfg, is_training=False))
+    timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not timm_name:
+        raise ValueError("the model has no timm pretrained_cfg naming its architecture; build it with lcnn.models")
+    no_augment = {"scale": (1.0, 1.0), "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None, "re_prob": 0.0}
+    return ManifestDataset(manifest, transform=transforms(no_augment, img_size, timm_name)[1])
 
 
 def image_batches(dataset, indices: np.ndarray, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,7 +4,7 @@
 rule benchmark:
     input:
         unpack(get_benchmark_run),
-        val=rules.prepare_data.output.val,  # benchmark.onnx_int8: its top-1 change is measured on these images
+        val=rules.prepare_data.output.val,  # real images for the fp16/bf16 agreement check and int8 calibration and top-1
     output:
         "benchmarks/{model}.json",
     log:

@@ -1,0 +1,97 @@
+"""The ONNX edge path: every study model exports and runs in ONNX Runtime like eager PyTorch at the study's 224 px,
+and int8 is judged on a trained model and real validation images (static QDQ and dynamic, each with its top-1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO, tiny_config
+
+from lcnn import bench_onnx, benchmark, models, timing
+from lcnn import config as study
+
+STUDY_MODELS = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STUDY_MODELS))
+def test_onnx_export_matches_eager_at_224(name, tmp_path):
+    spec = STUDY_MODELS[name]
+    model = models.create(spec["timm"], 10, img_size=spec["img_size"]).eval()
+    fused = benchmark.reparameterized(model)  # the deployment form: RepVGG's fused convs, TinyViT's conv-bn
+    if name == "repvgg_a2":
+        assert fused is not None
+    model = fused or model
+    path = tmp_path / f"{name}.onnx"
+    bench_onnx.export_onnx(model, spec["img_size"], path)
+    session = bench_onnx.ort_session(path, threads=2)
+    abs_diff, rel_diff = bench_onnx.compare_eager(model, session, spec["img_size"])
+    assert rel_diff <= timing.REL_TOL, (abs_diff, rel_diff)
+    batch = timing.make_input(2, spec["img_size"], torch.device("cpu")).numpy()
+    assert bench_onnx.run_session(session, batch).shape == (2, 10)  # the batch axis stays dynamic
+
+
+@pytest.fixture(scope="module")
+def trained_model(built_data, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """MobileViT v2 XS trained for a few epochs on the tiny study's prepared digits (32 px), and its val manifest.
+
+    (MobileNetV3-L stays at chance on 120 digits at 32 px; the hybrid learns them in a few epochs.)
+    """
+    from lcnn import train
+
+    out = tmp_path_factory.mktemp("int8_run")
+    run_cfg = study.run_config(tiny_config(built_data), "mobilevitv2_xs", "baseline", 0)
+    run_cfg["hparams"].update(epochs=8, batch_size=16, decay_epochs=8)
+    metrics = train.run({**run_cfg, "out_dir": str(out)})
+    assert metrics["status"] == "ok" and metrics["top1"] > 10.0  # better than chance over 10 digits
+    model = models.create("mobilevitv2_050", metrics["num_classes"], img_size=metrics["img_size"])
+    models.load_weights(model, out / "model.safetensors")
+    return model.eval(), built_data / "val.csv"
+
+
+@pytest.mark.slow
+def test_int8_static_and_dynamic_on_a_trained_model_and_real_images(trained_model):
+    model, manifest = trained_model
+    bench = {"device": "cpu", "batch_sizes": [1], "precisions": ["fp32"], "channels_last": [False], "warmup": 1}
+    bench.update(iters=3, onnx_int8=["static", "dynamic"], onnx_threads=1, val_manifest=str(manifest), val_limit=40)
+    result = benchmark.benchmark_model(model, {"img_size": 32, "benchmark": {**bench, "quiet": True}})
+    rows = [r for r in result["rows"] if r["engine"] == "onnxruntime"]
+    assert [(r["form"], r["status"]) for r in rows] == [
+        ("onnx", "ok"),
+        ("onnx_int8_static", "ok"),
+        ("onnx_int8_dynamic", "ok"),
+    ]
+    checks = result["checks"]
+    assert (
+        "top-1 on 40 images" in checks["onnx_int8_check"]
+        and "20 validation images, disjoint" in checks["onnx_int8_check"]
+    )
+    for form in ("static", "dynamic"):
+        row = rows[1] if form == "static" else rows[2]
+        change = checks[f"onnx_int8_{form}_top1_change"]
+        assert change == pytest.approx(checks[f"onnx_int8_{form}_top1"] - checks["onnx_fp32_top1"])
+        assert (
+            np.isfinite(row["fp32_max_abs_diff"])
+            and row["fp32_top1_agreement"] == checks[f"onnx_int8_{form}_fp32_top1_agreement"]
+        )
+    # a calibrated int8 model of a trained network predicts like fp32 on most real images
+    assert rows[1]["fp32_top1_agreement"] >= 0.8, checks
+
+
+@pytest.mark.slow
+def test_half_precision_agreement_uses_real_images_when_given(trained_model):
+    model, manifest = trained_model
+    bench = {"device": "cpu", "batch_sizes": [1], "precisions": ["bf16"], "channels_last": [False], "warmup": 1}
+    bench.update(iters=3, onnx=False, reparameterize=False, val_manifest=str(manifest), val_limit=40, quiet=True)
+    result = benchmark.benchmark_model(model, {"img_size": 32, "benchmark": bench})
+    assert len(result["rows"]) == 1
+    row = result["rows"][0]
+    assert "40 images of" in result["checks"]["fp32_agreement_inputs"]
+    assert row["status"] in ("ok", "mismatch") and 0.0 <= row["fp32_top1_agreement"] <= 1.0
+    assert (row["status"] == "ok") == (
+        row["fp32_rel_diff"] <= benchmark.HALF_REL_TOL and row["fp32_top1_agreement"] >= benchmark.MIN_AGREEMENT
+    )
