@@ -192,3 +192,22 @@ def test_status_sees_running_and_queued_slurm_jobs(slurm_cluster, tmp_path):  # 
     assert final["total"] == len(runs) == 4 and final["counts"]["done"] == 4
     for row in final["runs"]:
         assert row["slurm_state"] == "COMPLETED", row
+
+
+def test_halving_rows_follow_each_runs_latest_rung(run_tree):
+    """search.mode halving: each run is shown at the latest rung it reached, with that rung's epoch budget."""
+    (run_tree / "halving.yaml").write_text(yaml.safe_dump({"search": {"mode": "halving"}, "baseline": {"epochs": 3}}))
+    rung2 = run_tree / "runs_halving/mobilenetv3_l/baseline/seed0/rung2"
+    rung2.mkdir(parents=True)
+    (rung2 / "metrics.json").write_text(json.dumps({"status": "ok", "top1": 40.0, "epochs_completed": 3,
+                                                    "device_hours": 0.3}))  # fmt: skip
+    (run_tree / "runs_halving/mobilenetv3_l/baseline/seed0/rung1").mkdir()
+    out = status.run({"directory": run_tree, "configfiles": [*OVERLAYS, "halving.yaml"], "slurm": False})
+    assert out["search_mode"] == "halving" and len(out["runs"]) == 4
+    rows = {(r["model"], r["variant"]): r for r in out["runs"]}
+    assert len(rows) == 4
+    best = rows["mobilenetv3_l", "baseline"]
+    assert (best["status"], best["rung"], best["epochs"], best["top1"]) == ("done", 2, 3, 40.0)
+    for key in [k for k in rows if k != ("mobilenetv3_l", "baseline")]:
+        assert (rows[key]["status"], rows[key]["rung"], rows[key]["epochs"]) == ("pending", 1, 1)
+    assert "halving: only the rungs known so far" in out["estimate"]["note"]
