@@ -1,6 +1,6 @@
 """Figures of the study report (matplotlib, Agg backend, so they render on a headless node).
 
-Every function takes the tables built by :mod:`lcnn.report`, writes one PNG atomically and returns its path.
+Every function takes the tables built by :mod:`lcnn.report_tables`, writes one PNG atomically and returns its path.
 An empty input still gives a PNG that says so, because Snakemake expects every declared output to exist.
 """
 

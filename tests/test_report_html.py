@@ -182,7 +182,8 @@ def test_claims_category_renders(page, tiny_study: Path, artifacts: Path) -> Non
     page.save_screenshot(str(artifacts / "report_claims.png"))
     exp_header, exp_first = _expected(tiny_study, "claims")
     assert header == exp_header and first == exp_first
-    assert first[header.index("holds")] in {"yes", "no", "n/a"}
+    holds = first[header.index("holds")]
+    assert holds in {"yes", "no", "n/a"} or holds.startswith("not comparable (")  # the verdicts the report gives
 
 
 def test_figures_category_shows_pareto(page, artifacts: Path) -> None:

@@ -15,8 +15,8 @@ from conftest import OVERLAYS, REPO, copy_workflow, snakemake, tiny_config
 from safetensors.torch import load_file
 from test_workflow import job_counts
 
+from lcnn import checkpoint, search, train
 from lcnn import config as study
-from lcnn import search, train
 from lcnn.tools import search_vs_grid
 from lcnn.utils import LcnnError
 
@@ -231,15 +231,15 @@ def test_rung_after_rung_equals_one_continuous_run(built_data, tmp_path):
     whole = train.run(rc("whole"))
     first = train.run(rc("rung1", stop_epoch=1))
     assert first["epochs_completed"] == 1 and first["epochs"] == 3
-    assert (tmp_path / "rung1" / "train_state.pt").is_file()  # kept: the next rung goes on from it
+    assert checkpoint.find(tmp_path / "rung1")  # kept: the next rung goes on from it
     last = train.run(rc("rung2", stop_epoch=3, init_state=str(tmp_path / "rung1")))
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "rung2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (last["top1"], last["top5"], last["epochs_completed"]) == (whole["top1"], whole["top5"], 3)
     h_whole, h_rungs = (pd.read_csv(tmp_path / d / "history.csv") for d in ("whole", "rung2"))
     assert h_whole[["epoch", "lr", "top1", "train_loss"]].equals(h_rungs[["epoch", "lr", "top1", "train_loss"]])
-    assert not (tmp_path / "rung2" / "train_state.pt").exists()  # the full budget reached: cleaned up
-    assert not (tmp_path / "rung1" / "train_state.pt").exists()  # carried on into rung 2: freed
+    assert not checkpoint.find(tmp_path / "rung2")  # the full budget reached: cleaned up
+    assert not checkpoint.find(tmp_path / "rung1")  # carried on into rung 2: freed
     with pytest.raises(LcnnError, match="no usable training state in .*nowhere"):
         train.run(rc("rung3", stop_epoch=3, init_state=str(tmp_path / "nowhere")))
 
@@ -275,8 +275,9 @@ def test_halving_study_grows_its_dag_and_reruns_nothing(tmp_path):
     sel = {m: json.loads((workdir / f"search/{m}/rung1.json").read_text()) for m in MODELS}
     finalists = {m: sel[m]["next"] for m in MODELS}  # 2 survivors, and the baseline unless it is one of them
     for m in MODELS:  # a run that goes no further never resumes: its state is freed at the selection
-        states = {v: workdir / f"runs_halving/{m}/{v}/seed0/rung1/state/train_state.pt" for v in sel[m]["runs"]}
-        assert {v for v, p in states.items() if p.is_file()} == set(finalists[m])
+        assert len(sel[m]["runs"]) == 4  # every candidate trained in rung 1
+        states = {v: checkpoint.find(workdir / f"runs_halving/{m}/{v}/seed0/rung1/state") for v in sel[m]["runs"]}
+        assert {v for v, p in states.items() if p} == set(finalists[m])
     proc = snakemake(workdir, *args)
     counts = job_counts(first_table(proc.stdout + proc.stderr))  # the jobs this second run had to do
     assert "select_rung" not in counts and "prepare_data" not in counts
@@ -299,7 +300,7 @@ def test_halving_study_grows_its_dag_and_reruns_nothing(tmp_path):
             assert not (workdir / f"results/halving/{model}/{variant}.json").exists()
             assert not (workdir / f"runs_halving/{model}/{variant}/seed0/rung2").exists()
     assert not (workdir / "runs").exists() and not (workdir / "results" / MODELS[0]).exists()  # no grid runs
-    assert not list(workdir.glob("runs_halving/**/train_state.pt"))  # every state freed once no rung needs it
+    assert not list(workdir.glob(f"runs_halving/**/{checkpoint.STATE_DIR}*"))  # every state freed once no rung needs it
 
     table = pd.read_csv(workdir / "results/report/halving.csv")
     spent = sum(4 + len(f) for f in finalists.values())
@@ -310,6 +311,20 @@ def test_halving_study_grows_its_dag_and_reruns_nothing(tmp_path):
 
     proc = snakemake(workdir, "-n", *args)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_report_declares_the_grid_only_under_halving_vs_grid(tmp_path):
+    """The report reads only declared inputs: a grid to set the halving against is trained, never found on disk."""
+    workdir = copy_workflow(tmp_path)
+    (workdir / "halving.yaml").write_text(yaml.safe_dump(HALVING_OVERLAY))
+    (workdir / "vs_grid.yaml").write_text(yaml.safe_dump({"report": {"halving_vs_grid": True}}))
+    args = ["-n", "--cores", "2", "--configfile", *OVERLAYS, "halving.yaml"]
+    alone = job_counts(snakemake(workdir, *args).stdout)
+    assert "train" not in alone and "collect_seeds" not in alone and alone["report"] == 1
+    both = job_counts(snakemake(workdir, *args, "vs_grid.yaml").stdout)
+    assert both["train"] == both["collect_seeds"] == 2 * 4  # 2 models x 4 candidates x 1 seed, for the report
+    assert both["train_rung"] == alone["train_rung"] and both["report"] == 1
 
 
 def test_report_sets_halving_against_a_grid_next_to_it(tmp_path):
