@@ -20,8 +20,8 @@ CLAIM_COLUMNS = ["claim_id", "model", "claim", "measured", "holds", "in_range", 
 
 def claim_conditions(rep: dict) -> str:
     """The conditions a timing claim was made under, e.g. "224 px, L40S GPU"."""
-    device = rep["claim_device"].upper()
-    return f"{rep['claim_img_size']} px, {rep['claim_device_name'] + ' ' if rep['claim_device_name'] else ''}{device}"
+    device = " ".join(filter(None, [rep["claim_device_name"], rep["claim_device"].upper()]))
+    return f"{rep['claim_img_size']} px, {device}"
 
 
 def incomparable(model_row: Any, rep: dict) -> str | None:
@@ -30,14 +30,16 @@ def incomparable(model_row: Any, rep: dict) -> str | None:
     The resolution and device class must match the claim's; when the claim names a device (``claim_device_name``,
     e.g. L40S), the benchmark's device name must contain it too, since another GPU says nothing about that one.
     """
-    size, cls = model_row.get("bench_img_size"), str(model_row.get("device_class") or "n/a")
-    device = str(model_row.get("device") or "n/a").rsplit(" (", 1)[0]
-    size_txt = f"{int(size)} px" if size is not None and not pd.isna(size) else "unknown size"
-    if size_txt != f"{int(rep['claim_img_size'])} px" or cls != rep["claim_device"].upper():
-        return f"{size_txt}, {cls}"
-    name = rep.get("claim_device_name")
+    size = model_row.get("bench_img_size")
+    size = None if size is None or pd.isna(size) else int(size)
+    cls = str(model_row.get("device_class") or "n/a")
+    where = f"{size} px" if size is not None else "unknown size"
+    if size != rep["claim_img_size"] or cls != rep["claim_device"].upper():
+        return f"{where}, {cls}"
+    device = str(model_row.get("device") or "n/a").rsplit(" (", 1)[0]  # "NVIDIA L40S (cuda)" -> "NVIDIA L40S"
+    name = rep["claim_device_name"]
     if name and name.lower() not in device.lower():
-        return f"{size_txt}, {device}"
+        return f"{where}, {device}"
     return None
 
 
