@@ -7,9 +7,14 @@ reads the same wherever it is found: one line naming the key, what was expected,
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.metadata
 import itertools
+import json
 import math
 import re
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,8 +35,14 @@ def schema() -> dict[str, Any]:
 
 
 def schema_defaults(section: str) -> dict[str, Any]:
-    """The schema's default of every key of a top-level section: stage CLIs run alone take them from here."""
-    props = schema()["properties"][section]["properties"]
+    """The schema's default of every key of a section (``data`` or nested: ``data.imagenet``).
+
+    Stage CLIs run alone take their defaults from here, so the schema is the one place that holds them.
+    """
+    node = schema()
+    for part in section.split("."):
+        node = node["properties"][part]
+    props = node["properties"]
     return {key: copy.deepcopy(sub["default"]) for key, sub in props.items() if "default" in sub}
 
 
@@ -157,14 +168,41 @@ def _check_references(cfg: dict[str, Any]) -> None:
     check_search(cfg)
 
 
-def check_models(cfg: dict[str, Any]) -> None:
-    """Fail early on a timm name that does not exist (imports timm, so it is kept out of validate)."""
-    import timm
+def check_models(cfg: dict[str, Any], cache_dir: str | Path | None = None) -> None:
+    """Fail early on a timm name that does not exist, without importing timm into the caller.
 
+    timm (and torch under it) takes seconds to import, and the Snakefile runs this check while it parses. So the
+    names are checked in a subprocess (in process where timm is already loaded), and with ``cache_dir`` a success is
+    remembered there, keyed by the names and timm's version: the next parse of the same study skips the subprocess.
+    """
+    names = sorted({cfg["models"][m]["timm"] for m in selected_models(cfg)})
+    try:
+        version = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        raise LcnnError("timm is not installed; install the environment in envs/lcnn.yaml") from None
+    key = hashlib.sha256(json.dumps([version, names]).encode()).hexdigest()[:16]
+    stamp = Path(cache_dir) / f"timm_models_ok_{key}" if cache_dir else None
+    if stamp is not None and stamp.is_file():
+        return
+    unknown = set(_unknown_timm_names(names))
     for name in selected_models(cfg):
         timm_name = cfg["models"][name]["timm"]
-        if not timm.is_model(timm_name):
+        if timm_name in unknown:
             raise LcnnError(f"models.{name}.timm = '{timm_name}' is not a timm model; pick one from timm.list_models()")
+    if stamp is not None:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"timm": version, "models": names}) + "\n")
+
+
+def _unknown_timm_names(names: list[str]) -> list[str]:
+    if "timm" in sys.modules:
+        return [n for n in names if not sys.modules["timm"].is_model(n)]
+    code = "import json, sys, timm; print(json.dumps([n for n in sys.argv[1:] if not timm.is_model(n)]))"
+    proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LcnnError(f"importing timm to check the model names failed ({tail}); check the environment")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def grid_variants(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -254,7 +292,7 @@ def run_recipe(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict
 def run_execution(cfg: dict[str, Any]) -> dict[str, Any]:
     """How every training job runs (the same for all): the rest of ``train:`` and where the prepared data is."""
     train = {k: copy.deepcopy(v) for k, v in cfg["train"].items() if k not in RECIPE_TRAIN_KEYS}
-    return {"train": train, "data_root": cfg["data"]["root"]}
+    return {"train": train, "data_root": cfg["data"]["root"], "data_stage_to": cfg["data"].get("stage_to")}
 
 
 def merge_run(recipe: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lcnn.data import ManifestDataset
+from lcnn.dataset import ManifestDataset, stage
 from lcnn.utils import LcnnError
 
 
@@ -116,7 +116,7 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int, pin_me
     lets the host-to-device copies run asynchronously.
     """
     hp, tcfg = cfg["hparams"], cfg["train"]
-    root = cfg["data_root"]
+    root = stage(cfg["data_root"], cfg.get("data_stage_to"))  # node-local copy where data.stage_to is set
     train_set = ManifestDataset(f"{root}/train.csv")
     val_set = ManifestDataset(f"{root}/val.csv")
     if len(train_set.labels) and min(np.bincount(train_set.labels, minlength=train_set.num_classes)) == 0:

@@ -19,12 +19,14 @@ if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != workflow.basedir:
     )
 
 from lcnn import config as study  # noqa: E402
-from lcnn.data import check_paths  # noqa: E402
+from lcnn.prepare import check_paths  # noqa: E402
 from lcnn.utils import LcnnError  # noqa: E402
 
+# parsing imports neither torch nor timm: every SLURM job re-parses this file
 try:
     study.validate(config)
-    study.check_models(config)
+    if workflow.is_main_process:  # a job's re-parse skips it: the main process checked before submitting
+        study.check_models(config, cache_dir=".snakemake/lcnn")
     check_paths(config["data"])
 except LcnnError as err:
     raise WorkflowError(f"lcnn config error: {err}") from None

@@ -31,6 +31,7 @@ rule prepare_data:
         runtime=240,
         mem_mb=8000,
     params:
-        data=json.dumps(config["data"]),
+        # what the prepared subset depends on (stage_to only says where jobs read it)
+        data=json.dumps({k: v for k, v in config["data"].items() if k != "stage_to"}),
     shell:
         "python -m lcnn.data --config-json {params.data:q} --workers {threads} > {log:q} 2>&1"

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from lcnn.data import imagenet_synsets
+from lcnn.prepare import imagenet_synsets
 
 # standard class index -> foolbox photo(s); 609 (jeep) has two photos
 LABELS = (243, 559, 609)
@@ -72,7 +72,7 @@ class FakeImageNet:
     duplicate: tuple[Path, Path] | None = None  # (train file, identical val file)
 
     def data_cfg(self, root: Path, **overrides: Any) -> dict[str, Any]:
-        """A ``data`` config section for this tree (small images, one worker unless overridden)."""
+        """A ``data`` config section for this tree (small images)."""
         cfg = {
             "source": "imagenet",
             "root": str(root),
@@ -87,7 +87,6 @@ class FakeImageNet:
             "short_side": 64,
             "seed": 0,
             "on_corrupt": "error",
-            "workers": 1,
         }
         cfg.update(overrides)
         return cfg

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from data_helpers import FakeImageNet, build_fake_imagenet  # noqa: E402
 
-from lcnn import data  # noqa: E402
+from lcnn import data, prepare  # noqa: E402
 from lcnn.utils import LcnnError  # noqa: E402
 
 N_TRAIN, N_VAL = 6, 3
@@ -45,7 +45,7 @@ def seed_processing(fake: FakeImageNet, bad: list[Path]) -> int:
     """A seed whose draw of per_class=N_TRAIN reaches every ``bad`` file (it is not last in its permutation)."""
     for seed in range(50):
         if all(
-            data._shuffled(sorted(map(str, p.parent.glob("*.JPEG"))), seed, "train", p.parent.name)[-1] != str(p)
+            prepare._shuffled(sorted(map(str, p.parent.glob("*.JPEG"))), seed, "train", p.parent.name)[-1] != str(p)
             for p in bad
         ):
             return seed
@@ -55,7 +55,7 @@ def seed_processing(fake: FakeImageNet, bad: list[Path]) -> int:
 def test_prepare_flat_val_with_odd_corrupt_and_duplicate_files(fake: FakeImageNet, tmp_path: Path) -> None:
     seed = seed_processing(fake, [fake.corrupt[0], fake.duplicate[0]])
     root = tmp_path / "out"
-    summary = data.run(fake.data_cfg(root, per_class=N_TRAIN, on_corrupt="skip", seed=seed, workers=2))
+    summary = data.run(fake.data_cfg(root, per_class=N_TRAIN, on_corrupt="skip", seed=seed), workers=2)
     assert summary["counts"] == {"train": 3 * N_TRAIN, "val": 3 * N_VAL}
     assert (root / "classes.txt").read_text().split() == fake.classes == sorted(fake.classes)
     train, val = manifest(root, "train"), manifest(root, "val")
@@ -132,7 +132,7 @@ def test_path_errors_name_the_key_and_fix(fake: FakeImageNet, clean: FakeImageNe
     data.check_paths(cfg)
     cases = [
         ({"train_dir": "/nonexistent/train"}, r"data.imagenet.train_dir=/nonexistent/train does not exist; set it"),
-        ({"val_dir": None}, r"data.imagenet.val_dir is not set"),
+        ({"val_dir": None}, r"config key 'data.imagenet.val_dir' is None; expected string"),
         ({"val_labels": None}, r"val_dir=.* has no class folders; set data.imagenet.val_labels"),
         ({"val_labels": str(tmp_path / "nope.csv")}, r"data.imagenet.val_labels=.*nope.csv does not exist"),
         ({"val_dir": str(fake.train_dir)}, r"val_dir equals train_dir"),
@@ -147,7 +147,7 @@ def test_path_errors_name_the_key_and_fix(fake: FakeImageNet, clean: FakeImageNe
         data.check_paths({**cfg, "classes": ["n99999999"]})
     with pytest.raises(LcnnError, match=r"overlaps data.imagenet.train_dir"):
         data.check_paths({**cfg, "root": str(fake.base)})
-    with pytest.raises(LcnnError, match=r"data.on_corrupt='maybe'"):
+    with pytest.raises(LcnnError, match=r"config key 'data.on_corrupt' is 'maybe'; expected one of error, skip"):
         data.check_paths({**cfg, "on_corrupt": "maybe"})
     inside = fake.train_files[fake.classes[0]]  # "validation" images that are really training images
     labels = tmp_path / "labels.txt"
