@@ -50,7 +50,9 @@ from lcnn.utils import LcnnError, atomic_write_json, cli, environment, json_arg,
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 INT8_FORMS = ("static", "dynamic")
-HALF_REL_TOL = 0.05  # max |diff| / max |fp32 logit| accepted for an fp16/bf16 configuration
+# max |diff| / max |fp32 logit| accepted: a coarse screen for broken kernels (random-init EfficientNetV2-S reaches
+# 0.09 in bf16 at 64 px with every argmax kept); top-1 agreement on validation images is the finer test
+HALF_REL_TOL = {"fp16": 0.1, "bf16": 0.25}
 MIN_AGREEMENT = 0.98  # least top-1 agreement with fp32 on validation images for an fp16/bf16/compiled configuration
 CHECK_IMAGES = 256  # validation images (at most val_limit) in the fp16/bf16/compiled agreement check
 CHECK_BATCHES = 4  # seeded random batches of 2 in that check when there is no validation manifest
@@ -164,7 +166,7 @@ class Reference:
         """("nan" | "mismatch", why) when the configuration must not be timed, else None."""
         if not np.isfinite(agreement["fp32_max_abs_diff"]):
             return "nan", f"{precision} outputs are not finite on {self.source}; not timed"
-        tol = REL_TOL if precision == "fp32" else HALF_REL_TOL
+        tol = REL_TOL if precision == "fp32" else HALF_REL_TOL[precision]
         if agreement["fp32_rel_diff"] > tol:
             why = f"{precision} logits differ from fp32 (rel diff {agreement['fp32_rel_diff']:.2e} > {tol})"
             return "mismatch", f"{why} on {self.source}; not timed"

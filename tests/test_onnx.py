@@ -93,5 +93,17 @@ def test_half_precision_agreement_uses_real_images_when_given(trained_model):
     assert "40 images of" in result["checks"]["fp32_agreement_inputs"]
     assert row["status"] in ("ok", "mismatch") and 0.0 <= row["fp32_top1_agreement"] <= 1.0
     assert (row["status"] == "ok") == (
-        row["fp32_rel_diff"] <= benchmark.HALF_REL_TOL and row["fp32_top1_agreement"] >= benchmark.MIN_AGREEMENT
+        row["fp32_rel_diff"] <= benchmark.HALF_REL_TOL["bf16"] and row["fp32_top1_agreement"] >= benchmark.MIN_AGREEMENT
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STUDY_MODELS))
+def test_bf16_of_every_study_model_passes_the_logit_screen(name):
+    """The half-precision screen rejects broken kernels, not bf16's ordinary rounding (random init, 64 px)."""
+    model = models.create(STUDY_MODELS[name]["timm"], 1000, img_size=64).eval()
+    cpu = torch.device("cpu")
+    reference = benchmark.Reference.for_model(model, benchmark.resolve_settings({}), 64, cpu)
+    agreement = reference.compare(model, "bf16", False, cpu)
+    assert reference.verdict(agreement, "bf16") is None, agreement
+    assert 0 < agreement["fp32_rel_diff"] < 1
