@@ -263,9 +263,13 @@ def check_resume(ctx: dict[str, Any], cut_after: int = 5) -> dict[str, Any]:
     if diff == 0.0:
         return {"status": "ok", "reason": "resumed weights are bit-identical to the uninterrupted run's", **details}
     code, _ = _finish(_trainer(rc, work / "whole2"), deadline - time.monotonic())
-    control = _weights_diff(work / "whole" / "model.safetensors", work / "whole2" / "model.safetensors")
-    details["control_max_abs_diff"] = control if code == 0 else None
-    if code == 0 and control > 0 and diff <= 2 * control:
+    control = (
+        _weights_diff(work / "whole" / "model.safetensors", work / "whole2" / "model.safetensors")
+        if code == 0
+        else None
+    )
+    details["control_max_abs_diff"] = control
+    if control is not None and control > 0 and diff <= 2 * control:
         return {
             "status": "ok",
             **details,
