@@ -225,8 +225,8 @@ class Int8Data:
         self.calib = [x.numpy() for x, _ in timing.image_batches(dataset, calib_idx, 8)]
         overlap = "disjoint from them" if len(rest) else "the same images: the manifest has no others"
         self.text = (
-            f"top-1 on {len(eval_idx)} images of {settings['val_manifest']} (timm eval transform); static int8 "
-            f"calibrated on {len(calib_idx)} validation images, {overlap}"
+            f"top-1 on {len(eval_idx)} images of {settings['val_manifest']} (the trainer's eval transform); "
+            f"static int8 calibrated on {len(calib_idx)} validation images, {overlap}"
         )
 
     def logits(self, session) -> np.ndarray:

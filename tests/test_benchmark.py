@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lcnn import benchmark, config, models, timing
+from lcnn import bench_checks, benchmark, config, models, timing
 
 CONTRACT_ROW_KEYS = {
     "form", "engine", "device", "precision", "channels_last", "batch_size", "status", "error",
@@ -126,7 +126,7 @@ def test_fp16_on_cpu_is_unsupported_not_timed_and_bf16_records_its_agreement():
     result = benchmark.benchmark_model(Tiny(), {"img_size": 16, "benchmark": settings(precisions=["fp16", "bf16"])})
     fp16, bf16 = rows_by(result, precision="fp16")[0], rows_by(result, precision="bf16")[0]
     assert fp16["status"] == "unsupported" and "CPU" in fp16["error"] and fp16["latency_ms_p50"] is None
-    assert bf16["status"] == "ok" and 0 < bf16["fp32_rel_diff"] <= benchmark.HALF_REL_TOL["bf16"]
+    assert bf16["status"] == "ok" and 0 < bf16["fp32_rel_diff"] <= bench_checks.HALF_REL_TOL["bf16"]
     assert bf16["fp32_top1_agreement"] is not None and "random" in result["checks"]["fp32_agreement_inputs"]
 
 
@@ -170,8 +170,8 @@ def test_equivalence_checks_run_with_tf32_off_and_restore_it():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        benchmark.output_diff(model, model, 16, torch.device("cpu"))
-        reference = benchmark.Reference(model, [(timing.make_input(2, 16, torch.device("cpu")), None)], "x")
+        bench_checks.output_diff(model, model, 16, torch.device("cpu"))
+        reference = bench_checks.Reference(model, [(timing.make_input(2, 16, torch.device("cpu")), None)], "x")
         reference.compare(model, "bf16", False, torch.device("cpu"))
         flags_after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     finally:
@@ -236,8 +236,8 @@ def test_compile_without_a_compiler_says_what_is_missing_and_skips(monkeypatch):
 
 @pytest.mark.slow
 def test_compile_where_a_compiler_exists_is_checked_then_timed():
-    if benchmark.compiler_missing(torch.device("cpu")):
-        pytest.skip(benchmark.compiler_missing(torch.device("cpu")))
+    if bench_checks.compiler_missing(torch.device("cpu")):
+        pytest.skip(bench_checks.compiler_missing(torch.device("cpu")))
     result = benchmark.benchmark_model(Tiny(), {"img_size": 16, "benchmark": settings(compile=True)})
     compiled = rows_by(result, form="compiled")
     assert len(compiled) == 1 and compiled[0]["status"] == "ok", compiled

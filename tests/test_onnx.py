@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import REPO, tiny_config
 
-from lcnn import bench_onnx, benchmark, models, timing
+from lcnn import bench_checks, bench_onnx, benchmark, models, timing
 from lcnn import config as study
 
 STUDY_MODELS = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
@@ -22,7 +22,7 @@ STUDY_MODELS = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
 def test_onnx_export_matches_eager_at_224(name, tmp_path):
     spec = STUDY_MODELS[name]
     model = models.create(spec["timm"], 10, img_size=spec["img_size"]).eval()
-    fused = benchmark.reparameterized(model)  # the deployment form: RepVGG's fused convs, TinyViT's conv-bn
+    fused = bench_checks.reparameterized(model)  # the deployment form: RepVGG's fused convs, TinyViT's conv-bn
     if name == "repvgg_a2":
         assert fused is not None
     model = fused or model
@@ -93,7 +93,8 @@ def test_half_precision_agreement_uses_real_images_when_given(trained_model):
     assert "40 images of" in result["checks"]["fp32_agreement_inputs"]
     assert row["status"] in ("ok", "mismatch") and 0.0 <= row["fp32_top1_agreement"] <= 1.0
     assert (row["status"] == "ok") == (
-        row["fp32_rel_diff"] <= benchmark.HALF_REL_TOL["bf16"] and row["fp32_top1_agreement"] >= benchmark.MIN_AGREEMENT
+        row["fp32_rel_diff"] <= bench_checks.HALF_REL_TOL["bf16"]
+        and row["fp32_top1_agreement"] >= bench_checks.MIN_AGREEMENT
     )
 
 
@@ -103,7 +104,7 @@ def test_bf16_of_every_study_model_passes_the_logit_screen(name):
     """The half-precision screen rejects broken kernels, not bf16's ordinary rounding (random init, 64 px)."""
     model = models.create(STUDY_MODELS[name]["timm"], 1000, img_size=64).eval()
     cpu = torch.device("cpu")
-    reference = benchmark.Reference.for_model(model, benchmark.resolve_settings({}), 64, cpu)
+    reference = bench_checks.Reference.for_model(model, benchmark.resolve_settings({}), 64, cpu)
     agreement = reference.compare(model, "bf16", False, cpu)
     assert reference.verdict(agreement, "bf16") is None, agreement
     assert 0 < agreement["fp32_rel_diff"] < 1
