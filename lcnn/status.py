@@ -163,7 +163,7 @@ def log_progress(path: Path) -> dict[str, Any]:
     text = path.read_text(errors="replace") if path.is_file() else ""
     out: dict[str, Any] = {"epoch": None, "top1": None, "step": None, "error": None}
     for epoch, _, top1 in EPOCH_LINE.findall(text):
-        out["epoch"], out["top1"] = int(epoch), float(top1)
+        out["epoch"], out["top1"] = int(epoch), None if top1 == "nan" else float(top1)  # None: JSON has no NaN
     steps = STEP_LINE.findall(text)
     if steps:
         out["step"] = f"epoch {steps[-1][0]} step {steps[-1][1]}/{steps[-1][2]}"
