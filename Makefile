@@ -48,4 +48,4 @@ status: install  ## the study's state: each run, GPU-hours spent and left (add A
 	$(BIN)/python -m lcnn.status $(ARGS)
 
 clean:  ## remove everything the workflow produced (keeps .venv)
-	rm -rf data/builtin data/builtin_search runs runs_halving search results benchmarks logs report.html .snakemake
+	rm -rf data/builtin data/builtin_search runs runs_halving search results benchmarks logs mlruns gpu_check report.html .snakemake

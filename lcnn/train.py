@@ -153,9 +153,13 @@ def setup(cfg: dict[str, Any]) -> Job:
             f"this job runs {accelerator.num_processes} processes but train.gpus_per_job is {expected}; "
             "start it through `python -m lcnn.launch --nproc N` as the train rule does"
         )
+    if tcfg.get("deterministic"):
+        # warn_only: an op with no deterministic CUDA kernel (e.g. adaptive pooling's backward) warns, not crashes
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
     if device == "cuda":
         torch.backends.cudnn.benchmark = not tcfg.get("deterministic")
-    set_seed(cfg["seed"], deterministic=bool(tcfg.get("deterministic")))  # identical weights on every rank
+    set_seed(cfg["seed"])  # identical weights on every rank
     img_size = hp.get("img_size") or cfg["native_img_size"]
     train_loader, val_loader, mixup, num_classes = build_loaders(
         cfg, img_size, accelerator.num_processes, pin_memory=device == "cuda"
@@ -205,7 +209,7 @@ def setup(cfg: dict[str, Any]) -> Job:
             tracking.ensure_mlflow_experiment()
         accelerator.init_trackers(tracking.PROJECT, config=tracking.hparams(cfg))
     # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
-    set_seed(cfg["seed"], device_specific=True, deterministic=bool(tcfg.get("deterministic")))
+    set_seed(cfg["seed"], device_specific=True)
     return job
 
 

@@ -13,10 +13,13 @@ sys.path.insert(
 )  # `lcnn` imports even where the package is not pip-installed
 
 # every job imports lcnn from this checkout too, whatever its working directory or software environment
-if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != workflow.basedir:
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
-    )
+_pythonpath = [
+    workflow.basedir,
+    *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+]
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(dict.fromkeys(_pythonpath))
+)  # set, not required: no envvars
 
 from lcnn import config as study  # noqa: E402
 from lcnn.prepare import check_paths  # noqa: E402
@@ -25,7 +28,9 @@ from lcnn.utils import LcnnError  # noqa: E402
 # parsing imports neither torch nor timm: every SLURM job re-parses this file
 try:
     study.validate(config)
-    if workflow.is_main_process:  # a job's re-parse skips it: the main process checked before submitting
+    if (
+        workflow.is_main_process
+    ):  # a job's re-parse skips it: the main process checked before submitting
         study.check_models(config, cache_dir=".snakemake/lcnn")
     check_paths(config["data"])
 except LcnnError as err:
@@ -57,14 +62,11 @@ TRAIN_RESOURCES = dict(
     # a time limit that grows with each retry; a preempted job resumes from its saved state
     runtime=lambda wildcards, attempt: 720 * attempt,
 )
-# How every training job runs (log_every, num_workers, device, data root, ...): handed to the trainer on its command
-# line, not as params, so editing it never retrains anything; each job's recipe is its params (get_run_json).
-TRAIN_EXEC = json.dumps(study.run_execution(config), sort_keys=True)
 # rules train and train_rung: exec the launcher, so on SLURM's SIGTERM (profiles/slurm: 120 s before the time limit,
 # or a preemption) Snakemake's job process waits while the trainer saves its state and exits 75 for the retry
 TRAIN_SHELL = (
     "export OMP_NUM_THREADS={threads};"
-    " exec python -m lcnn.launch --nproc {TRAIN_NPROC} -- --run-json {params.run:q} --exec-json {TRAIN_EXEC:q}"
+    " exec python -m lcnn.launch --nproc {params.nproc} -- --run-json {params.run:q} --exec-json {params.exec:q}"
     " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 )
 
@@ -102,6 +104,17 @@ def get_run_json(wildcards):
         config, wildcards.model, wildcards.variant, int(wildcards.seed)
     )
     return json.dumps(run, sort_keys=True)
+
+
+def get_exec_json(wildcards, input):
+    """How every training job runs (log_every, num_workers, device, ...) and where its data is (its input's folder).
+
+    Snakemake counts a params function of the job's input as derived from it, not among the params whose edits
+    trigger a rerun: editing these settings never retrains anything, and moving the data shows up as an input change.
+    """
+    execution = study.run_execution(config)
+    execution["data_root"] = os.path.dirname(input.train)
+    return json.dumps(execution, sort_keys=True)
 
 
 def get_benchmark_run(wildcards):

@@ -38,6 +38,8 @@ rule train_rung:
         **TRAIN_RESOURCES,
     params:
         run=get_rung_run_json,
+        exec=get_exec_json,
+        nproc=TRAIN_NPROC,
         out_dir=RUNG_DIR,
     shell:
         TRAIN_SHELL

@@ -24,6 +24,8 @@ rule train:
         **TRAIN_RESOURCES,
     params:
         run=get_run_json,
+        exec=get_exec_json,
+        nproc=TRAIN_NPROC,
         out_dir=RUN_DIR,
     # the launcher (rules/common.smk): plain python on one device, torchrun across the job's GPUs
     shell:

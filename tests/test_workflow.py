@@ -127,15 +127,16 @@ EXECUTION_EDITS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("key", "value"), EXECUTION_EDITS.items())
-def test_editing_an_execution_setting_retrains_nothing(tiny_study, key, value):
-    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, "--config", f"train={json.dumps({key: value})}")
+def test_editing_an_execution_setting_retrains_nothing(tiny_study, tmp_path, key, value):
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump({"train": {key: value}}))
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
 @pytest.mark.slow
-def test_editing_a_variants_recipe_retrains_exactly_that_variant(tiny_study):
-    edit = json.dumps({"cosine": {"lr_base": 0.3}})
-    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, "--config", f"variants={edit}")
+def test_editing_a_variants_recipe_retrains_exactly_that_variant(tiny_study, tmp_path):
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump({"variants": {"cosine": {"lr_base": 0.3}}}))
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
     assert job_counts(proc.stdout) == {"train": 2, "collect_seeds": 2, "report": 1}
     planned = set(re.findall(r"runs/(\w+)/(\w+)/seed0/metrics\.json", proc.stdout))
     assert planned == {("mobilenetv3_l", "cosine"), ("mobilevitv2_xs", "cosine")}
