@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,9 +17,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from conftest import BIN, TINY_ARGS, copy_workflow, tiny_config  # noqa: E402
 from data_helpers import FakeImageNet, build_fake_imagenet  # noqa: E402
 
-from lcnn import data, prepare  # noqa: E402
+from lcnn import config as study  # noqa: E402
+from lcnn import data, dataset, prepare  # noqa: E402
 from lcnn.utils import LcnnError  # noqa: E402
 
 N_TRAIN, N_VAL = 6, 3
@@ -245,14 +250,103 @@ def test_cli(clean: FakeImageNet, tmp_path: Path, capsys: pytest.CaptureFixture[
     ]
 
 
-def test_loader_bench_smoke(clean: FakeImageNet, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_loader_bench_times_every_recipe(
+    clean: FakeImageNet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lcnn.tools import loader_bench
 
-    data.run(clean.data_cfg(tmp_path / "prep", per_class=2))
-    argv = ["--raw-dir", str(clean.train_dir), "--prepared-root", str(tmp_path / "prep"), "--num-images", "4"]
-    assert (
-        loader_bench.main([*argv, "--min-seconds", "0.01", "--img-size", "64", "--json", str(tmp_path / "b.json")]) == 0
-    )
+    data.run(clean.data_cfg(tmp_path / "prep", per_class=2, short_side=80))
+    argv = [
+        "--prepared-root",
+        str(tmp_path / "prep"),
+        "--num-images",
+        "4",
+        "--min-seconds",
+        "0.01",
+        "--img-size",
+        "32",
+        "--repeats",
+        "1",
+    ]
+    assert loader_bench.main([*argv, "--json", str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
-    assert result["raw"]["images"] == 4 and result["prepared"]["decode_transform_images_per_s"] > 0
-    assert "prepared/raw" in capsys.readouterr().out
+    cfg = study.load("config.yaml")
+    grouped = [name for row in result["recipes"] for name in row["variants"]]
+    assert sorted(grouped) == sorted(study.variant_names(cfg))  # every variant measured, each once
+    assert len(result["recipes"]) < len(grouped)  # loss- and optimizer-only variants share the baseline's loader
+    baseline = next(r for r in result["recipes"] if "baseline" in r["variants"])
+    assert {"label_smoothing", "mixup_cutmix"} <= set(baseline["variants"])
+    assert result["draft_short_side"] == math.ceil(32 / 0.875) and result["images"] == 4
+    assert all(r[f"{p}_images_per_s"] > 0 for r in result["recipes"] for p in ("today", "draft", "uint8"))
+    assert "uint8/today" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------- staging
+def test_staging_copies_verifies_reuses_and_redoes(
+    clean: FakeImageNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, local = tmp_path / "prep", tmp_path / "local"
+    data.run(clean.data_cfg(root, per_class=2))
+    assert data.stage(root, None) == root  # no stage_to: read in place
+    staged = data.stage(root, str(local))
+    rows = manifest(root, "train") + manifest(root, "val")
+    assert staged.parent == local and len(rows) == 3 * 2 + 3 * 4
+    assert all(sha1(staged / r["path"]) == sha1(root / r["path"]) for r in rows)
+    assert (staged / "classes.txt").read_text() == (root / "classes.txt").read_text()
+    reader = dataset.ManifestDataset(staged / "train.csv")
+    assert reader.root == staged and len(reader) == 6
+    # a complete copy is reused as it is (a file put there survives); a damaged one is made again
+    (staged / "sentinel").write_text("reused copies keep me")
+    assert data.stage(root, str(local)) == staged and (staged / "sentinel").exists()
+    (staged / rows[0]["path"]).write_bytes(b"truncated")
+    assert data.stage(root, str(local)) == staged and not (staged / "sentinel").exists()
+    assert sha1(staged / rows[0]["path"]) == sha1(root / rows[0]["path"])
+    (staged / rows[1]["path"]).unlink()  # an interrupted copy: a file and the stamp missing
+    (staged / dataset.STAMP).unlink()
+    assert data.stage(root, str(local)) == staged and sha1(staged / rows[1]["path"]) == sha1(root / rows[1]["path"])
+    # a re-prepared subset (other manifests) never reuses the old copy
+    data.run(clean.data_cfg(root, per_class=3))
+    again = data.stage(root, str(local))
+    assert again != staged and len(manifest(again, "train")) == 9
+    monkeypatch.setenv("LCNN_TEST_LOCAL", str(tmp_path / "env"))
+    assert data.stage(root, "$LCNN_TEST_LOCAL/lcnn").parent == tmp_path / "env" / "lcnn"
+    with pytest.raises(LcnnError, match=r"data.stage_to=\$LCNN_UNSET_VARIABLE names an unset environment variable"):
+        data.stage(root, "$LCNN_UNSET_VARIABLE")
+
+
+# --------------------------------------------------------------------------------------------- workflow and trainer
+@pytest.mark.slow
+def test_parsing_the_workflow_imports_neither_torch_nor_timm(tmp_path: Path) -> None:
+    """A real dry run under ``python -X importtime``: the parse (every SLURM job repeats it) stays light."""
+    workdir = copy_workflow(tmp_path / "wf")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-X", "importtime", "-m", "snakemake", "-n", *TINY_ARGS]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "This was a dry-run" in proc.stdout
+    modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert {"snakemake.workflow", "lcnn.config", "lcnn.prepare", "pandas"} <= modules  # the parse was recorded
+    assert sorted(m for m in modules if m.split(".")[0] in ("torch", "timm", "torchvision")) == []
+    assert len(list((workdir / ".snakemake" / "lcnn").glob("timm_models_ok_*"))) == 1  # the names were checked
+
+
+@pytest.mark.slow
+def test_one_epoch_on_prepared_imagenet_photos_through_the_real_loader(clean: FakeImageNet, tmp_path: Path) -> None:
+    """The foolbox photos, prepared as JPEGs, train one full epoch through ManifestDataset, staged to local disk."""
+    from lcnn import train
+
+    root = tmp_path / "prep"
+    data.run(clean.data_cfg(root, per_class=8, short_side=80))
+    rc = study.run_config(tiny_config(root), "mobilenetv3_l", "baseline", 0)
+    rc["hparams"].update(batch_size=8, epochs=1, img_size=64)
+    rc["train"].update(log_every=1, max_steps_per_epoch=None, num_workers=0)
+    rc.update(out_dir=str(tmp_path / "run"), data_stage_to=str(tmp_path / "local"))
+    metrics = train.run(rc)
+    assert metrics["status"] == "ok" and metrics["epochs_completed"] == 1
+    assert metrics["train_images"] == 24 and metrics["val_images"] == 12
+    with open(tmp_path / "run" / "history.csv", newline="") as fh:
+        history = list(csv.DictReader(fh))
+    assert len(history) == 1
+    assert math.isfinite(float(history[0]["train_loss"])) and 0 <= float(history[0]["top1"]) <= 100
+    staged = list((tmp_path / "local").glob("lcnn_data_*"))
+    assert len(staged) == 1 and (staged[0] / dataset.STAMP).is_file()

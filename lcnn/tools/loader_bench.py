@@ -1,143 +1,192 @@
-"""Measure one data-loader worker's throughput on raw full-size JPEGs versus the prepared (resized) images.
+"""Images/s one data-loader worker delivers for every augmentation recipe of the study, on the prepared subset.
 
-Why: the data stage re-encodes the subset at a small ``short_side`` so that training small models is not
-bottlenecked on JPEG decoding. This script checks that claim on your own files and CPU::
+Why: a GPU trains a small model at thousands of images/s, and each loader worker decodes and augments on one CPU
+core. Dividing a model's GPU training rate by a recipe's per-worker rate gives the workers per GPU it needs::
 
-    python -m lcnn.tools.loader_bench --raw-dir /datasets/imagenet/train --prepared-root data/imagenet_subset
+    python -m lcnn.tools.loader_bench --prepared-root data/imagenet_subset --config config.yaml
 
-For each image set it times, in this single process with one torch thread (what one DataLoader worker does),
-(a) read + decode to RGB and (b) read + decode + timm's training transform at ``--img-size`` (RandomResizedCrop,
-flip, ToTensor, normalize). Files are read once before timing so the numbers are CPU cost with a warm page cache,
-not storage speed; on a cold network file system raw images are slower still. Multiply by the loader's
-``num_workers`` (up to the CPU count) for an upper bound on images/s per training job.
+Each variant of the config is mapped to its training transform (timm's ``create_transform`` through
+:func:`lcnn.recipe.transforms`); variants with the same transform share one measurement (label smoothing and
+optimizer variants load exactly like the baseline; Mixup/CutMix is a batch op the trainer applies on the device, so
+its loader is the baseline's). Each transform is timed in this process with one torch thread, which is what one
+DataLoader worker does: read, decode, seeded transform (:class:`lcnn.recipe.SeededTransforms`) and collate into
+batches. Files are read once before timing, so the figures are CPU cost with a warm page cache, not storage speed.
+
+Three paths are timed side by side for every transform:
+
+- ``today``: what the trainer runs (full JPEG decode, float32 normalised tensors made in the worker);
+- ``draft``: JPEG draft decoding at the smallest DCT scale that keeps the short side at least the eval resize
+  (``img_size / crop_pct``); it gains only where the prepared ``short_side`` is twice that or more;
+- ``uint8``: timm's prefetcher form (``create_transform(use_prefetcher=True)``): the worker hands over uint8
+  tensors and normalisation (and random erasing) runs on the device, as timm's train.py does; fewer copies and no
+  float conversion on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
+import json
+import math
 import random
+import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from tabulate import tabulate
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Subset
 
-from lcnn.data import IMAGE_EXTS, load_rgb
+from lcnn import config as study
+from lcnn.dataset import ManifestDataset
+from lcnn.recipe import SeededTransforms, transforms
 from lcnn.utils import LcnnError, atomic_write_json, cli, environment
 
-
-def raw_files(raw_dir: Path, limit: int, seed: int) -> list[Path]:
-    """Up to ``limit`` image files under ``raw_dir`` (recursive), a seeded sample spread across folders."""
-    if not raw_dir.is_dir():
-        raise LcnnError(f"--raw-dir {raw_dir} is not a folder; pass an ImageNet-style train folder")
-    found: list[Path] = []
-    for folder, dirs, names in os.walk(raw_dir):
-        dirs.sort()
-        found += [Path(folder) / n for n in sorted(names) if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
-        if len(found) >= 50 * limit:  # enough to sample from without listing all of ImageNet
-            break
-    if not found:
-        raise LcnnError(f"--raw-dir {raw_dir} holds no .JPEG/.jpg/.png files")
-    random.Random(seed).shuffle(found)
-    return found[:limit]
+TRANSFORM_KEYS = ("scale", "hflip", "color_jitter", "auto_augment", "re_prob")
+TIMM_NAME = "mobilenetv3_large_100"  # only the normalisation constants depend on the model, not the cost
+CROP_PCT = 0.875
 
 
-def prepared_files(root: Path, limit: int, seed: int) -> list[Path]:
-    """Up to ``limit`` images listed in ``root/train.csv`` (a prepared root written by ``python -m lcnn.data``)."""
-    manifest = root / "train.csv"
-    if not manifest.is_file():
-        raise LcnnError(f"{manifest} does not exist; pass --prepared-root of a prepared dataset (python -m lcnn.data)")
-    with open(manifest, newline="") as fh:
-        files = [root / row["path"] for row in csv.DictReader(fh)]
-    random.Random(seed).shuffle(files)
-    return files[:limit]
+def recipes(cfg: dict[str, Any]) -> dict[tuple, list[str]]:
+    """Variants grouped by their training transform (the hparams that reach ``create_transform``)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in study.variant_names(cfg):
+        hp = study.hparams(cfg, name)
+        key = tuple((k, json.dumps(hp[k])) for k in TRANSFORM_KEYS)
+        groups.setdefault(key, []).append(name)
+    return groups
 
 
-def _rate(files: list[Path], fn: Callable[[Path], Any], min_seconds: float) -> float:
-    """Images/s of ``fn`` over ``files``, repeating the list until ``min_seconds`` have passed."""
+def _transform(hp: dict[str, Any], img_size: int, path: str) -> Any:
+    if path != "uint8":
+        return transforms(hp, img_size, TIMM_NAME)[0]
+    return create_transform(
+        img_size,
+        is_training=True,
+        use_prefetcher=True,  # uint8 tensors out; normalise and erase on the device
+        scale=tuple(hp["scale"]),
+        hflip=hp["hflip"],
+        color_jitter=hp["color_jitter"] or None,
+        auto_augment=hp["auto_augment"],
+        interpolation="bicubic",
+    )
+
+
+def rate(dataset: Any, batch_size: int, min_seconds: float) -> float:
+    """Images/s of one worker's loop (load, transform, collate), repeating the images until ``min_seconds``."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     done, start = 0, time.perf_counter()
     while True:
-        for path in files:
-            fn(path)
-        done += len(files)
+        for images, _ in loader:
+            done += len(images)
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
             return done / elapsed
 
 
-def measure(files: list[Path], transform: Callable, min_seconds: float) -> dict[str, Any]:
-    """Decode-only and decode+transform rates for one image set, plus what the images look like."""
-    sizes = []
-    for path in files:  # warm the page cache and record the image sizes
-        img = load_rgb(path)
-        sizes.append(img.size)
-    torch.manual_seed(0)
-    random.seed(0)
-    decode = _rate(files, load_rgb, min_seconds)
-    full = _rate(files, lambda p: transform(load_rgb(p)), min_seconds)
-    return {
-        "images": len(files),
-        "mean_file_kb": round(sum(p.stat().st_size for p in files) / len(files) / 1024, 1),
-        "mean_width": round(sum(s[0] for s in sizes) / len(sizes)),
-        "mean_height": round(sum(s[1] for s in sizes) / len(sizes)),
-        "decode_images_per_s": round(decode, 1),
-        "decode_transform_images_per_s": round(full, 1),
-    }
-
-
-@cli
-def main(argv: list[str] | None = None) -> int:
-    """Print (and optionally save as JSON) images/s per loader worker for raw vs prepared images."""
-    p = argparse.ArgumentParser(prog="python -m lcnn.tools.loader_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--raw-dir", type=Path, required=True, help="folder of original images (e.g. ImageNet train/)")
-    p.add_argument("--prepared-root", type=Path, required=True, help="data.root written by python -m lcnn.data")
-    p.add_argument("--num-images", type=int, default=200, help="images sampled from each set")
-    p.add_argument("--img-size", type=int, default=224, help="training crop size of the timm transform")
-    p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement for at least this long")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="also write the result here")
-    args = p.parse_args(argv)
-    from timm.data import create_transform
-
+def run(
+    prepared_root: Path,
+    cfg: dict[str, Any],
+    img_size: int = 224,
+    num_images: int = 128,
+    min_seconds: float = 3.0,
+    paths: tuple[str, ...] = ("today", "draft", "uint8"),
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """One row per distinct training transform: the variants that use it and the median images/s of each path."""
     torch.set_num_threads(1)  # a DataLoader worker runs with one thread
-    transform = create_transform(args.img_size, is_training=True)
-    result: dict[str, Any] = {"img_size": args.img_size, "threads": 1}
-    for name, files in (
-        ("raw", raw_files(args.raw_dir, args.num_images, args.seed)),
-        ("prepared", prepared_files(args.prepared_root, args.num_images, args.seed)),
-    ):
-        print(f"loader_bench: timing {len(files)} {name} images ...", file=sys.stderr, flush=True)
-        result[name] = measure(files, transform, args.min_seconds)
-    raw, prep = result["raw"], result["prepared"]
-    result["speedup_decode"] = round(prep["decode_images_per_s"] / raw["decode_images_per_s"], 2)
-    result["speedup_decode_transform"] = round(
-        prep["decode_transform_images_per_s"] / raw["decode_transform_images_per_s"], 2
-    )
+    draft = math.ceil(img_size / CROP_PCT)
+    probe = ManifestDataset(prepared_root / "train.csv")
+    if not len(probe):
+        raise LcnnError(f"{prepared_root}/train.csv lists no images; prepare the data first")
+    indices = random.Random(0).sample(range(len(probe)), min(num_images, len(probe)))
+    for i in indices:  # warm the page cache
+        (probe.root / str(probe.paths[i])).read_bytes()
+    sizes = [probe[i][0].size for i in indices[:32]]
+    rows = []
+    for key, names in recipes(cfg).items():
+        hp = study.hparams(cfg, names[0])
+        row: dict[str, Any] = {"variants": names, **{k: json.loads(v) for k, v in key}}
+        loaders = {
+            path: Subset(
+                SeededTransforms(
+                    ManifestDataset(prepared_root / "train.csv", draft=draft if path == "draft" else None),
+                    _transform(hp, img_size, path),
+                    seed=0,
+                ),
+                indices,
+            )
+            for path in paths
+        }
+        print(f"loader_bench: {', '.join(names)} ...", file=sys.stderr, flush=True)
+        rates: dict[str, list[float]] = {path: [] for path in paths}
+        for _ in range(repeats):  # paths interleaved, so a busy moment of a shared CPU hits them alike
+            for path, dataset in loaders.items():
+                rates[path].append(rate(dataset, 32, min_seconds))
+        row |= {f"{path}_images_per_s": round(statistics.median(r), 1) for path, r in rates.items()}
+        rows.append(row)
     env = environment()
-    result["cpu_model"], result["pillow"] = env["cpu_model"], _pillow_version()
-    print(f"{'images':<10}{'mean size':>12}{'mean KiB':>10}{'decode img/s':>14}{'+transform img/s':>18}")
-    for name in ("raw", "prepared"):
-        r = result[name]
-        size = f"{r['mean_width']}x{r['mean_height']}"
-        row = f"{size:>12}{r['mean_file_kb']:>10}{r['decode_images_per_s']:>14}{r['decode_transform_images_per_s']:>18}"
-        print(f"{name:<10}{row}")
-    print(
-        f"prepared/raw: decode x{result['speedup_decode']}, decode+transform x{result['speedup_decode_transform']} "
-        f"(one worker, one thread, {result['cpu_model']})"
-    )
-    if args.json:
-        atomic_write_json(args.json, result)
-    return 0
+    return {
+        "prepared_root": str(prepared_root),
+        "img_size": img_size,
+        "draft_short_side": draft,
+        "images": len(indices),
+        "mean_prepared_size": [
+            round(sum(s[0] for s in sizes) / len(sizes)),
+            round(sum(s[1] for s in sizes) / len(sizes)),
+        ],
+        "threads": 1,
+        "repeats": repeats,
+        "cpu_model": env["cpu_model"],
+        "torch": torch.__version__,
+        "pillow": _pillow_version(),
+        "recipes": rows,
+    }
 
 
 def _pillow_version() -> str:
     import PIL
 
     return PIL.__version__
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    """Print images/s per worker for each recipe and path (and optionally save them as JSON)."""
+    p = argparse.ArgumentParser(prog="python -m lcnn.tools.loader_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prepared-root", type=Path, required=True, help="data.root written by python -m lcnn.data")
+    p.add_argument("--config", default="config.yaml", help="the study config whose variants are measured")
+    p.add_argument("--num-images", type=int, default=128, help="images sampled from train.csv")
+    p.add_argument("--img-size", type=int, default=224, help="training crop size (the study trains at 224)")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement for at least this long")
+    p.add_argument("--paths", default="today,draft,uint8", help="comma-separated paths to time")
+    p.add_argument("--repeats", type=int, default=3, help="timings of each path (the median is reported)")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    args = p.parse_args(argv)
+    paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
+    unknown = sorted(set(paths) - {"today", "draft", "uint8"})
+    if unknown:
+        raise LcnnError(f"--paths has {unknown[0]!r}; use today, draft and/or uint8")
+    cfg = study.load(args.config)
+    result = run(args.prepared_root, cfg, args.img_size, args.num_images, args.min_seconds, paths, args.repeats)
+    table = [
+        [", ".join(r["variants"]), *(r[f"{p}_images_per_s"] for p in paths)]
+        + ([round(r["uint8_images_per_s"] / r["today_images_per_s"], 2)] if {"today", "uint8"} <= set(paths) else [])
+        for r in result["recipes"]
+    ]
+    headers = ["variants (same loader)", *(f"{p} img/s" for p in paths)]
+    headers += ["uint8/today"] if {"today", "uint8"} <= set(paths) else []
+    print(tabulate(table, headers=headers, maxcolwidths=[48]))
+    w, h = result["mean_prepared_size"]
+    print(
+        f"median of {args.repeats}; one worker, one thread, {args.img_size} px crops of {result['images']} prepared "
+        f"images (mean {w}x{h}), {result['cpu_model']}, torch {result['torch']}, Pillow {result['pillow']}"
+    )
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
 
 
 if __name__ == "__main__":
