@@ -221,13 +221,12 @@ def test_non_reparameterizable_model_has_no_reparam_form():
     assert not rows_by(result, form="reparam") and result["checks"]["reparam_max_abs_diff"] is None
 
 
-def test_compile_without_a_compiler_says_what_is_missing_and_skips(monkeypatch):
+def test_compile_without_a_compiler_says_what_is_missing_and_skips():
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
-    result = benchmark.benchmark_model(
-        Tiny(), {"img_size": 16, "benchmark": settings(compile=True, batch_sizes=[1, 2])}
-    )
+    cfg = {"img_size": 16, "benchmark": settings(compile=True, batch_sizes=[1, 2])}
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):  # torch's own config override
+        result = benchmark.benchmark_model(Tiny(), cfg)
     compiled = rows_by(result, form="compiled")
     assert len(compiled) == 2 and {r["status"] for r in compiled} == {"skipped"}
     assert "C++ compiler" in compiled[0]["error"] and "no-such-c++-compiler" in compiled[0]["error"]
