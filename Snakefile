@@ -21,6 +21,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/search.smk"
+include: "rules/optuna.smk"
 include: "rules/benchmark.smk"
 include: "rules/report.smk"
 

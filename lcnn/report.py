@@ -18,6 +18,7 @@ from lcnn.utils import LcnnError, atomic_write_json, cli, environment, json_arg,
 
 TABLES = ("claims", "accuracy", "gains", "best_variants", "best_per_axis", "runs", "compute", "latency", "models")
 TABLES += ("halving",)  # halving vs grid (lcnn.search); no rows unless a halving search is given
+TABLES += ("optuna",)  # optuna's best trial vs the grid's best (lcnn.optuna_search); rows only in optuna mode
 FIGURES = ("pareto", "gain_heatmap", "learning_curves", "throughput_vs_batch")
 
 
@@ -33,7 +34,7 @@ def report_settings(section: dict) -> dict:
 def run(cfg: dict) -> dict:
     """Build every table and figure under ``cfg['out_dir']`` and return the summary index."""
     # imported here, not at the top: the workflow imports this module at parse time for TABLES
-    from lcnn import figures, report_claims, report_load, report_write, search
+    from lcnn import figures, optuna_search, report_claims, report_load, report_write, search
     from lcnn import report_tables as tab
 
     rep = report_settings(cfg.get("report") or {})
@@ -53,6 +54,8 @@ def run(cfg: dict) -> dict:
     # halving vs grid: in grid mode the results are the grid; in halving mode a finished grid may be given too
     summaries = [read_json(p) for p in cfg.get("search") or []]
     halving = cfg.get("search_mode") == "halving"
+    # optuna mode: the results are the grid of named variants, the summaries each model's model-based search
+    studies, summaries = (summaries, []) if cfg.get("search_mode") == "optuna" else ([], summaries)
     grid_paths = (cfg.get("grid_results") or []) if halving else cfg["results"]
     searched = {s["model"]: len([v for v in s["candidates"] if v != baseline]) for s in summaries} if halving else None
 
@@ -73,6 +76,7 @@ def run(cfg: dict) -> dict:
         "latency": tab.latency_table(bench_rows),
         "models": models,
         "halving": search.halving_table(summaries, [read_json(p) for p in grid_paths] if summaries else []),
+        "optuna": optuna_search.optuna_table(studies, [read_json(p) for p in cfg["results"]] if studies else []),
     }
     written: dict[str, Any] = {"tables": {}, "figures": {}}
     for name in TABLES:
@@ -96,6 +100,7 @@ def run(cfg: dict) -> dict:
         "claims": tables["claims"].to_dict(orient="records"),
         "search_mode": cfg.get("search_mode", "grid"),
         "halving": json.loads(tables["halving"].to_json(orient="records")),
+        "optuna": json.loads(tables["optuna"].to_json(orient="records")),
         "env": environment(),  # where the report was built (its SLURM job id on a cluster)
     }
     atomic_write_json(out_dir / "summary.json", summary)
@@ -112,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", nargs="+", required=True, help="results/{model}/{variant}.json files")
     p.add_argument("--histories", nargs="*", default=[], help="runs/{model}/{variant}/seed{seed}/history.csv files")
     p.add_argument("--benchmarks", nargs="*", default=[], help="benchmarks/{model}.json files")
-    p.add_argument("--search", nargs="*", default=[], help="search/{model}/halving.json of a halving search")
+    p.add_argument("--search", nargs="*", default=[], help="search/{model}/halving.json (or optuna.json)")
     p.add_argument("--grid-results", nargs="*", default=[], help="halving mode: grid results to compare with")
     p.add_argument("--out-dir", default="results/report", help="where tables, figures and summary.json go")
     return p

@@ -7,6 +7,12 @@ full budget as references, so gains are still measured against the same baseline
 :func:`summarize_halving` adds up what was spent and names the winner; :func:`halving_table` sets that against the
 full grid.
 
+Promotion respects noise (``search.promote``): ``mean`` ranks by mean top-1; ``lcb`` by the lower bound of its
+confidence interval (over seeds, t, with two or more; else the validation set's binomial interval of the one run),
+so a variant that is good on one lucky seed ranks below a steady one; ``overlap`` keeps the best ceil(n/eta) by mean
+plus every variant whose interval overlaps the best one's, so no variant is dropped on a difference within noise.
+Each selection records which rule and interval decided.
+
 Selection is deterministic: higher mean top-1 first, then lower mean validation loss (early rungs often leave
 several variants at chance accuracy, where the loss still tells them apart), then higher top-5, then the variant
 name. A variant with a diverged seed never survives (a diverged run cannot go on). Winner and grid winner are
@@ -31,48 +37,81 @@ RUN_KEYS += ("val_images", "val_loss")
 
 
 # ------------------------------------------------------------------------------------------------ selection
-def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One variant's standing at a rung: means over its seeds; any diverged (or missing) seed disqualifies it."""
+PROMOTE_RULES = ("mean", "lcb", "overlap")
+
+
+def score(runs: list[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
+    """One variant's standing at a rung: means over its seeds and the confidence interval of the mean top-1 (see
+    :func:`interval`); any diverged (or missing) seed disqualifies it."""
     ok = [r for r in runs if r.get("status") == "ok" and r.get("top1") is not None]
     mean = {k: statistics.fmean(r[k] for r in ok) if ok else None for k in ("top1", "top5")}
     losses = [r.get("val_loss") for r in ok]
     loss = statistics.fmean(losses) if ok and all(x is not None and math.isfinite(x) for x in losses) else None
+    lo, hi, basis = interval(runs, confidence)
     return {"top1_mean": mean["top1"], "top5_mean": mean["top5"], "val_loss_mean": loss} | {
+        "top1_ci_lo": lo if math.isfinite(lo) else None,
+        "top1_ci_hi": hi if math.isfinite(hi) else None,
+        "ci_basis": basis,
         "n_seeds": len(runs),
         "n_ok": len(ok),
         "diverged": not runs or len(ok) < len(runs),
     }
 
 
-def rank_key(variant: str, sc: dict[str, Any]) -> tuple:
-    """Sort key: usable before diverged, then higher top-1, lower validation loss, higher top-5, and the name (so
-    ties never flip). A missing loss (grid results carry none) sorts after a known one."""
+def rank_key(variant: str, sc: dict[str, Any], promote: str = "mean") -> tuple:
+    """Sort key: usable before diverged, then higher top-1 (``lcb``: its interval's lower bound first), lower
+    validation loss, higher top-5, and the name (so ties never flip). A missing loss (grid results carry none)
+    sorts after a known one; a missing bound (no interval) after a known one."""
     neg = [-sc[k] if sc.get(k) is not None else math.inf for k in ("top1_mean", "top5_mean")]
     loss = sc.get("val_loss_mean")
-    return (bool(sc["diverged"]), neg[0], loss if loss is not None else math.inf, neg[1], variant)
+    lcb = -sc["top1_ci_lo"] if promote == "lcb" and sc.get("top1_ci_lo") is not None else math.inf
+    first = (lcb,) if promote == "lcb" else ()
+    return (bool(sc["diverged"]), *first, neg[0], loss if loss is not None else math.inf, neg[1], variant)
 
 
 def select(
-    scores: dict[str, dict[str, Any]], competing: list[str], references: list[str], pinned: list[str], eta: int
+    scores: dict[str, dict[str, Any]],
+    competing: list[str],
+    references: list[str],
+    pinned: list[str],
+    eta: int,
+    promote: str = "mean",
 ) -> dict[str, Any]:
-    """Keep the best ceil(n/eta) of the ``n`` competing variants; pinned ones that lose stay on as references.
+    """Keep the best ceil(n/eta) of the ``n`` competing variants by the ``promote`` rule (``overlap``: plus every
+    one whose interval overlaps the best one's); pinned ones that lose stay on as references.
 
     Returns the ranking, the survivors (still competing), the eliminated, the references carried on, and
     ``next``: every variant that trains in the next rung. Diverged variants are dropped, references included.
     """
     if eta < 2:
         raise LcnnError(f"search.eta is {eta}; it must be at least 2 so that each rung keeps fewer variants")
+    if promote not in PROMOTE_RULES:
+        raise LcnnError(f"search.promote is {promote!r}; use one of {', '.join(PROMOTE_RULES)}")
     missing = sorted((set(competing) | set(references)) - set(scores))
     if missing:
         raise LcnnError(f"no metrics for {', '.join(missing)} at this rung; rebuild the rung's runs")
-    ranking = sorted(competing, key=lambda v: rank_key(v, scores[v]))
+    ranking = sorted(competing, key=lambda v: rank_key(v, scores[v], promote))
     keep = math.ceil(len(competing) / eta)
-    survivors = [v for v in ranking if not scores[v]["diverged"]][:keep]
+    usable = [v for v in ranking if not scores[v]["diverged"]]
+    survivors = usable[:keep]
+    why = {v: f"top {keep} by {'lower bound' if promote == 'lcb' else 'mean'}" for v in survivors}
+    if promote == "overlap" and usable:
+        best_lo = scores[usable[0]].get("top1_ci_lo")
+        for v in usable[keep:]:
+            hi = scores[v].get("top1_ci_hi")
+            if best_lo is not None and hi is not None and hi >= best_lo:
+                survivors.append(v)
+                why[v] = f"interval overlaps {usable[0]}'s"
     eliminated = [v for v in ranking if v not in survivors]
     carried = [v for v in dict.fromkeys([*pinned, *references]) if v in scores and v not in survivors]
     refs = [v for v in carried if not scores[v]["diverged"]]
     dropped = [v for v in carried if scores[v]["diverged"]]
+    bases = sorted({scores[v]["ci_basis"].split(" (")[0] for v in competing if scores[v].get("ci_basis")})
+    decided = promote if promote == "mean" else f"{promote} ({', '.join(b for b in bases if b != 'n/a') or 'n/a'})"
     return {"ranking": ranking, "keep": keep, "survivors": survivors, "eliminated": eliminated} | {
+        "promote": promote,
+        "decided_by": decided,
+        "kept_because": why,
         "references": refs,
         "dropped_references": dropped,
         "next": survivors + refs,
@@ -113,8 +152,9 @@ def select_rung(cfg: dict[str, Any], metrics: list[dict[str, Any]], previous: di
         competing, references = list(previous["survivors"]), list(previous["references"])
     runs = _group(metrics, cfg["model"])
     _check_rung_runs(runs, competing + references, cfg["seeds"], cfg["epochs"])
-    scores = {v: score(list(seeds.values())) for v, seeds in runs.items()}
-    chosen = select(scores, competing, references, cfg["pinned"], cfg["eta"])
+    conf = cfg.get("confidence", 0.95)
+    scores = {v: score(list(seeds.values()), conf) for v, seeds in runs.items()}
+    chosen = select(scores, competing, references, cfg["pinned"], cfg["eta"], cfg.get("promote", "mean"))
     head = {k: cfg[k] for k in ("model", "rung", "epochs", "budget", "eta", "seeds")}
     return head | {"competing": competing, "entering_references": references, "scores": scores, "runs": runs} | chosen
 
@@ -143,13 +183,14 @@ def summarize_halving(cfg: dict[str, Any], rungs: list[dict[str, Any]], final: l
         "model": cfg["model"],
         "mode": "halving",
         "eta": cfg["eta"],
+        "promote": cfg.get("promote", "mean"),
         "rung_epochs": cfg["schedule"],
         "budget": cfg["budget"],
         "seeds": cfg["seeds"],
         "candidates": list(cfg["candidates"]),
         "rungs": [
             {k: r[k] for k in ("rung", "epochs", "competing", "ranking", "keep", "survivors", "eliminated")}
-            | {"references": r["references"], "scores": r["scores"]}
+            | {"references": r["references"], "scores": r["scores"], "decided_by": r.get("decided_by", "mean")}
             for r in rungs
         ],
         "eliminated_at": eliminated,
@@ -231,6 +272,8 @@ def compare(summary: dict[str, Any], grid: dict[str, dict[str, Any]]) -> dict[st
         "model": summary["model"],
         "candidates": len(summary["candidates"]),
         "rungs": "/".join(str(e) for e in rungs),
+        # which promotion rule (and which interval) decided each rung's selection
+        "promoted_by": "; ".join(dict.fromkeys(r.get("decided_by", "mean") for r in summary["rungs"])) or "n/a",
         "eliminated": elim,
         "halving_winner": win or "n/a",
         # a reference won: the selection itself had dropped it, only the always-kept baseline reached the budget
@@ -270,7 +313,8 @@ def compare(summary: dict[str, Any], grid: dict[str, dict[str, Any]]) -> dict[st
     return row
 
 
-HALVING_COLUMNS = ["model", "candidates", "rungs", "eliminated", "halving_winner", "winner_role", "halving_top1"]
+HALVING_COLUMNS = ["model", "candidates", "rungs", "promoted_by", "eliminated", "halving_winner", "winner_role"]
+HALVING_COLUMNS += ["halving_top1"]
 HALVING_COLUMNS += ["grid_winner"]
 HALVING_COLUMNS += ["grid_top1", "grid_ci_lo", "grid_ci_hi", "ci_basis", "winner_in_grid_top1", "verdict"]
 HALVING_COLUMNS += ["halving_epochs", "grid_epochs", "epoch_fraction", "halving_device_hours", "grid_device_hours"]

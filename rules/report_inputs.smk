@@ -29,7 +29,10 @@ def history_files(wildcards=None):
 
 
 def search_summary_files(wildcards=None):
-    return [f"search/{m}/halving.json" for m in MODELS] if HALVING else []
+    """Halving's summaries, or (optuna) each model's model-based search, which the report sets against the grid."""
+    if HALVING:
+        return [f"search/{m}/halving.json" for m in MODELS]
+    return optuna_summary_files()
 
 
 def report_grid_results(wildcards=None):

@@ -113,6 +113,8 @@ def search_json(model, rung=None):
     search = {
         "model": model,
         "eta": config["search"]["eta"],
+        "promote": config["search"]["promote"],
+        "confidence": config["search"]["confidence"],
         "budget": config["baseline"]["epochs"],
         "schedule": SCHEDULE,
         "seeds": SEEDS,
