@@ -115,7 +115,11 @@ def open_study(journal: str | Path, model: str, sampler: Any = None) -> Any:
     """The model's study in its journal file, created on first use (maximize mean validation top-1)."""
     import optuna
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:  # Optuna 3.x names it JournalFileStorage
+        from optuna.storages import JournalFileStorage as JournalFileBackend
 
     Path(journal).parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(journal)))

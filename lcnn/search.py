@@ -106,7 +106,7 @@ def select(
     carried = [v for v in dict.fromkeys([*pinned, *references]) if v in scores and v not in survivors]
     refs = [v for v in carried if not scores[v]["diverged"]]
     dropped = [v for v in carried if scores[v]["diverged"]]
-    bases = sorted({scores[v]["ci_basis"].split(" (")[0] for v in competing if scores[v].get("ci_basis")})
+    bases = sorted({scores[v]["ci_basis"].split(" (")[0] for v in usable if scores[v].get("ci_basis")})
     decided = promote if promote == "mean" else f"{promote} ({', '.join(b for b in bases if b != 'n/a') or 'n/a'})"
     return {"ranking": ranking, "keep": keep, "survivors": survivors, "eliminated": eliminated} | {
         "promote": promote,

@@ -15,7 +15,7 @@ from conftest import OVERLAYS, REPO, copy_workflow, snakemake, tiny_config
 from safetensors.torch import load_file
 from test_workflow import job_counts
 
-from lcnn import checkpoint, search, train
+from lcnn import checkpoint, search, stats, train
 from lcnn import config as study
 from lcnn.tools import search_vs_grid
 from lcnn.utils import LcnnError
@@ -86,6 +86,49 @@ def test_pinned_baseline_goes_on_as_a_reference_without_taking_a_place():
     assert out["survivors"] == ["a"] and out["references"] == [] and out["dropped_references"] == ["baseline"]
 
 
+def seeded(**top1s):
+    """variant -> its score over several seeds (one top-1 per seed)."""
+    return {v: search.score([metrics(v, s, t) for s, t in enumerate(ts)]) for v, ts in top1s.items()}
+
+
+def test_lcb_promotes_the_steady_variant_over_the_lucky_one():
+    # lucky has the best mean on three seeds, but one good seed; steady's interval lies higher
+    sc = seeded(lucky=[90.0, 50.0, 58.0], steady=[64.0, 65.0, 66.0], poor=[40.0, 41.0, 39.0])
+    assert sc["lucky"]["top1_mean"] > sc["steady"]["top1_mean"] > sc["poor"]["top1_mean"]
+    assert sc["steady"]["ci_basis"] == "seeds (t, n=3)"
+    mean = search.select(sc, ["lucky", "steady", "poor"], [], [], 3, promote="mean")
+    lcb = search.select(sc, ["lucky", "steady", "poor"], [], [], 3, promote="lcb")
+    assert mean["survivors"] == ["lucky"] and mean["decided_by"] == "mean"
+    assert lcb["survivors"] == ["steady"] and lcb["decided_by"] == "lcb (seeds)"
+    assert lcb["kept_because"] == {"steady": "top 1 by lower bound"}
+
+
+def test_overlap_keeps_every_variant_within_noise_of_the_best():
+    sc = seeded(best=[70.0, 72.0, 71.0], close=[69.0, 70.5, 68.0], far=[40.0, 41.0, 42.0])
+    sc["boom"] = search.score([metrics("boom", 0, 99.0), metrics("boom", 1, None, status="diverged")])
+    out = search.select(sc, ["far", "close", "best", "boom"], [], [], 4, promote="overlap")
+    assert out["keep"] == 1 and out["survivors"] == ["best", "close"] and out["eliminated"] == ["far", "boom"]
+    assert out["kept_because"]["close"] == "interval overlaps best's" and out["decided_by"] == "overlap (seeds)"
+
+
+def test_one_seed_promotes_on_the_validation_sets_binomial_interval():
+    # one seed: no seed interval, so the 60 validation images' binomial interval decides
+    sc = {v: search.score([metrics(v, 0, t, val_images=60)]) for v, t in [("a", 50.0), ("b", 45.0), ("c", 10.0)]}
+    assert sc["a"]["ci_basis"] == "val binomial (1 seed, 60 images)"
+    lo, hi = stats.binomial_ci(50.0, 60)
+    assert (sc["a"]["top1_ci_lo"], sc["a"]["top1_ci_hi"]) == (lo, hi)
+    out = search.select(sc, ["a", "b", "c"], [], [], 3, promote="overlap")
+    assert out["survivors"] == ["a", "b"] and out["decided_by"] == "overlap (val binomial)"  # 45 is within noise
+    assert search.select(sc, ["a", "b", "c"], [], [], 3, promote="lcb")["survivors"] == ["a"]
+    with pytest.raises(LcnnError, match="search.promote is 'median'; use one of mean, lcb, overlap"):
+        search.select(sc, ["a"], [], [], 3, promote="median")
+
+
+def test_the_halving_table_says_which_rule_decided():
+    s = two_rung_search()
+    assert search.compare(s, {})["promoted_by"] == "lcb (val binomial)"
+
+
 def test_selection_refuses_stale_or_missing_metrics():
     cfg = {"model": "m", "rung": 1, "epochs": 2, "budget": 6, "eta": 3, "seeds": [0], "candidates": ["a", "b"]}
     cfg["pinned"] = ["a"]
@@ -146,6 +189,7 @@ def test_halving_needs_variants_with_the_common_budget():
 def two_rung_search():
     """A 4-candidate, eta-2 search over rungs [1, 3]: b and c survive rung 1, the baseline goes on as reference."""
     cfg = {"model": "m", "eta": 2, "budget": 3, "schedule": [1, 3], "seeds": [0], "pinned": ["baseline"]}
+    cfg["promote"] = "lcb"
     cfg["candidates"] = ["baseline", "a", "b", "c"]
     rung1 = [metrics(v, 0, t, hours=h) for v, t, h in [("baseline", 10, 0.1), ("a", 5, 0.2), ("b", 30, 0.3)]]
     rung1.append(metrics("c", 0, 20, hours=0.4))
