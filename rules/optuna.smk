@@ -66,6 +66,7 @@ rule train_trial:
 
 checkpoint select_trial_rung:
     input:
+        proposal=f"{OPTUNA_DIR}/round{{round}}.json",  # the round's candidates (params)
         metrics=get_trial_rung_metrics,
         previous=get_trial_previous_selection,
     output:
