@@ -9,6 +9,7 @@ import re
 import shutil
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from conftest import OVERLAYS, REPO, copy_workflow, snakemake
@@ -231,3 +232,21 @@ def test_optuna_search_runs_in_the_dag_and_reruns_exactly(tmp_path):
     assert len(trained) == 3 and all(t.startswith("optuna_r2_") for t, _ in trained)  # round 2's two, its survivor
     assert sorted(r for _, r in trained) == ["1", "1", "2"]
     assert len(load(base / "journal.log", MODEL).trials) == 4
+
+
+def test_search_vs_grid_tool_reads_an_optuna_workdir(tmp_path, capsys):
+    from lcnn.tools import search_vs_grid
+
+    (tmp_path / "search" / "m").mkdir(parents=True)
+    (tmp_path / "search" / "m" / "optuna.json").write_text(json.dumps(summary("m", 71.5, 20)))
+    (tmp_path / "results" / "m").mkdir(parents=True)
+    for variant, top1 in (("baseline", 60.0), ("cosine", 72.0)):
+        res = {"model": "m", "variant": variant, "runs": [metrics(variant, 0, top1, epochs=9, val_images=300)]}
+        (tmp_path / "results" / "m" / f"{variant}.json").write_text(json.dumps(res))
+    search_vs_grid.main(["--grid", str(tmp_path), "--optuna", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert "## optuna vs grid" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "out" / "optuna_vs_grid.csv")
+    assert list(table["model"]) == ["m", "ALL"] and table.loc[0, "verdict"] == "within CI"  # 71.5 vs 72 on 300 images
+    assert table.loc[0, "ci_basis"] == "val binomial (1 seed, 300 images)" and table.loc[0, "grid_epochs"] == 18
+    with pytest.raises(LcnnError, match="give --halving DIR, --optuna DIR or both"):
+        search_vs_grid.run({"grid": str(tmp_path)})
