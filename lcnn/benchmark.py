@@ -45,7 +45,7 @@ from lcnn.timing import REL_TOL, MemProbe, error_text, log, make_input, make_row
 from lcnn.utils import LcnnError, atomic_write_json, cli, environment, json_arg, read_json
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-INT8_FORMS = ("static", "dynamic")
+INT8_FORMS = ("static", "static_conv", "dynamic")
 IGNORED_KEYS = {"variant"}  # benchmark-section keys that concern the workflow, not this tool
 RUNTIME_DEFAULTS = {"val_manifest": None, "onnx_out": None, "quiet": False}  # tool settings, not config keys
 DEFAULTS: dict[str, Any] = {
@@ -263,7 +263,7 @@ def _default_img_size(model: nn.Module) -> int:
 
 
 def int8_forms(value: bool | list[str]) -> list[str]:
-    """``onnx_int8`` as a list of forms: true = both (static first), false = none, or the list as given."""
+    """``onnx_int8`` as a list of forms: true = all of INT8_FORMS, false = none, or the list as given."""
     if isinstance(value, bool):
         return list(INT8_FORMS) if value else []
     return list(dict.fromkeys(value))
@@ -338,7 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-onnx", dest="onnx", action="store_const", const=False)
     p.add_argument("--onnx-threads", type=int, help="intra-op threads for ORT and the eager comparison")
     p.add_argument("--onnx-int8", nargs="?", const=list(INT8_FORMS), type=_csv(str), metavar="FORMS",
-                   help="also time ORT int8: static,dynamic (the default with no value) or one of them")  # fmt: skip
+                   help="also time ORT int8 forms (static,static_conv,dynamic; all with no value)")  # fmt: skip
     p.add_argument("--onnx-out", help="keep the exported ONNX model at this path")
     p.add_argument("--val-manifest", help="val.csv: real images for the fp16/bf16 and int8 checks and int8 calibration")
     p.add_argument("--val-limit", type=int, help="validation images used for the int8 check (default 500)")

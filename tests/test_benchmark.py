@@ -250,10 +250,8 @@ def test_defaults_are_the_schemas():
     assert {k: resolved[k] for k in ("iters", "warmup", "precisions", "onnx_threads")} == {
         k: schema[k] for k in ("iters", "warmup", "precisions", "onnx_threads")
     }
-    assert resolved["onnx_int8"] == [] and benchmark.resolve_settings({"onnx_int8": True})["onnx_int8"] == [
-        "static",
-        "dynamic",
-    ]
+    assert resolved["onnx_int8"] == []  # an old config's boolean still works: true = every form
+    assert benchmark.resolve_settings({"onnx_int8": True})["onnx_int8"] == ["static", "static_conv", "dynamic"]
     assert benchmark.resolve_settings({"onnx_int8": ["dynamic"]})["onnx_int8"] == ["dynamic"]
 
 
@@ -261,7 +259,7 @@ def test_defaults_are_the_schemas():
     ("section", "says"),
     [
         ({"precisions": ["fp8"]}, "'benchmark.precisions.0' is 'fp8'; expected one of fp32, fp16, bf16"),
-        ({"onnx_int8": ["fast"]}, "'benchmark.onnx_int8.0' is 'fast'; expected one of static, dynamic"),
+        ({"onnx_int8": ["fast"]}, "'benchmark.onnx_int8.0' is 'fast'; expected one of static, static_conv, dynamic"),
         ({"batch_sizes": [0]}, "benchmark.batch_sizes.0"),
         ({"iter": 3}, "'benchmark.iter' is not allowed here; did you mean iters?"),
     ],
@@ -279,10 +277,10 @@ def test_onnx_path_matches_eager_and_reports_speedup(tmp_path):
     bench = settings(onnx=True, onnx_int8=True, onnx_threads=1, iters=3, onnx_out=str(onnx_out))
     result = benchmark.benchmark_model(models.create("mobilenetv3_large_100", 10), {"img_size": 64, "benchmark": bench})
     onnx_rows = rows_by(result, engine="onnxruntime")
-    assert [r["form"] for r in onnx_rows] == ["onnx", "onnx_int8_static", "onnx_int8_dynamic"]
-    onnx, static, dynamic = onnx_rows
+    assert [r["form"] for r in onnx_rows] == ["onnx", "onnx_int8_static", "onnx_int8_static_conv", "onnx_int8_dynamic"]
+    onnx, static, static_conv, dynamic = onnx_rows
     assert onnx["status"] == "ok" and onnx["threads"] == 1
-    assert static["status"] == "error" and "--val-manifest" in static["error"]
+    assert all(r["status"] == "error" and "--val-manifest" in r["error"] for r in (static, static_conv))
     assert dynamic["status"] == "ok" and dynamic["precision"] == "int8" and dynamic["iters"] == 3
     checks = result["checks"]
     assert checks["onnx_max_abs_diff"] < 1e-3 and checks["onnx_ok"]

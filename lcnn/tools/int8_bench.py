@@ -2,10 +2,10 @@
 
 One command trains each model briefly on the built-in data (the MNIST digits of the demo, 10 classes, at a small
 size: nothing is downloaded), then runs lcnn.benchmark's ONNX path on the trained weights with the study's
-validation images: fp32 ORT, static int8 calibrated on validation images the top-1 check does not use, and dynamic
-int8, all at batch 1 on ``--threads`` threads. Per model it prints the p50 latencies and each int8 form's top-1
-change against fp32 ORT, and whether the goal holds: the best int8 form faster than fp32 ORT with at most
-``--max-top1-drop`` points of top-1 change.
+validation images: fp32 ORT; static int8 calibrated on validation images the top-1 check does not use, with every
+op quantized ("static") and with Conv/MatMul/Gemm only ("static_conv"); and dynamic int8; all at batch 1 on
+``--threads`` threads. Per model it prints the p50 latencies, each int8 form's top-1 change against fp32 ORT, and
+whether the goal holds: the best int8 form faster than fp32 ORT with at most ``--max-top1-drop`` points of change.
 
     python -m lcnn.tools.int8_bench --img-size 64 --epochs 3 --out int8_bench.json
 
@@ -26,6 +26,7 @@ from lcnn import config as study
 from lcnn.utils import LcnnError, atomic_write_json, cli, read_json
 
 REPO = Path(__file__).resolve().parents[2]
+FORMS = ("dynamic", "static", "static_conv")  # lcnn.benchmark.INT8_FORMS, in table order
 DEMO_OVERLAY = REPO / "profiles" / "demo" / "study.yaml"
 
 
@@ -44,7 +45,7 @@ def study_config(workdir: Path, img_size: int, epochs: int, per_class: int, val_
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     _merge(cfg, yaml.safe_load(DEMO_OVERLAY.read_text()))
     data = {
-        "root": str(workdir / "data"),
+        "root": str(workdir / f"data_{img_size}px_{per_class}_{val_per_class}"),  # one prepared set per draw
         "short_side": img_size,
         "per_class": per_class,
         "val_per_class": val_per_class,
@@ -54,12 +55,12 @@ def study_config(workdir: Path, img_size: int, epochs: int, per_class: int, val_
     return study.validate(cfg)
 
 
-def trained_weights(cfg: dict[str, Any], model: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
+def trained_weights(cfg: dict[str, Any], model: str) -> tuple[Path, dict[str, Any]]:
     """(weights, metrics) of ``model``'s baseline run: trained here unless a finished run with this recipe exists."""
     from lcnn import train
 
     run_cfg = study.run_config(cfg, model, "baseline", cfg["seeds"][0])
-    out = workdir / "runs" / model
+    out = Path(cfg["data"]["root"]) / "runs" / model
     metrics_path, config_path = out / "metrics.json", out / "config.json"
     if metrics_path.is_file() and config_path.is_file():
         saved = read_json(config_path)
@@ -86,10 +87,11 @@ def bench_model(cfg: dict[str, Any], model: str, weights: Path, num_classes: int
     section = {
         "device": "cpu", "batch_sizes": [1], "precisions": ["fp32"], "channels_last": [False],
         "reparameterize": True, "warmup": args.warmup, "iters": args.iters, "time_budget_s": args.time_budget,
-        "onnx": True, "onnx_threads": args.threads, "onnx_int8": ["static", "dynamic"], "val_limit": args.val_limit,
+        "onnx": True, "onnx_threads": args.threads, "onnx_int8": list(FORMS), "val_limit": args.val_limit,
         "val_manifest": str(Path(cfg["data"]["root"]) / "val.csv"), "quiet": True,
     }  # fmt: skip
-    return benchmark.benchmark_model(net, {"model_name": model, "timm_name": spec["timm"], "benchmark": section})
+    cfg = {"model_name": model, "timm_name": spec["timm"], "img_size": args.img_size, "benchmark": section}
+    return benchmark.benchmark_model(net, cfg)
 
 
 def summary_row(model: str, result: dict[str, Any], metrics: dict[str, Any], max_drop: float) -> dict[str, Any]:
@@ -104,15 +106,19 @@ def summary_row(model: str, result: dict[str, Any], metrics: dict[str, Any], max
     }
     row["fp32_p50_ms"] = p50.get("onnx")
     best = None
-    for form in ("dynamic", "static"):
+    for form in FORMS:
         key = f"onnx_int8_{form}"
         row[f"{form}_p50_ms"] = p50.get(key) if status.get(key) == "ok" else None
         row[f"{form}_top1_change"] = checks.get(f"{key}_top1_change")
         row[f"{form}_speedup"] = row["fp32_p50_ms"] / row[f"{form}_p50_ms"] if row[f"{form}_p50_ms"] else None
         if row[f"{form}_speedup"] and (best is None or row[f"{form}_speedup"] > row[f"{best}_speedup"]):
             best = form
+    for form in FORMS:
+        row[f"{form}_fp32_agreement"] = checks.get(f"onnx_int8_{form}_fp32_top1_agreement")
     row["best_int8"] = best
     row["goal_met"] = bool(best and row[f"{best}_speedup"] > 1.0 and abs(row[f"{best}_top1_change"] or 0.0) <= max_drop)
+    share = result["host_other_cpu_share"]
+    row["other_cpu_pct"] = 100 * share if share is not None else None
     row["errors"] = "; ".join(f"{r['form']}: {r['error']}" for r in result["rows"] if r["status"] != "ok")
     return row
 
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data.run(copy.deepcopy(cfg["data"]))
     rows, results = [], {}
     for model in args.models:
-        weights, metrics = trained_weights(cfg, model, workdir)
+        weights, metrics = trained_weights(cfg, model)
         result = bench_model(cfg, model, weights, metrics["num_classes"], args)
         results[model] = {k: result[k] for k in ("checks", "rows", "env", "host_other_cpu_share")}
         results[model]["train_metrics"] = metrics
@@ -148,7 +154,9 @@ def table_text(rows: list[dict[str, Any]]) -> str:
         "model": "model", "ort_fp32_top1": "fp32 ORT top-1", "fp32_p50_ms": "fp32 ORT p50 ms",
         "dynamic_p50_ms": "dynamic int8 p50 ms", "dynamic_top1_change": "dynamic Δtop-1",
         "static_p50_ms": "static int8 p50 ms", "static_top1_change": "static Δtop-1",
-        "goal_met": "goal met",
+        "static_conv_p50_ms": "static_conv int8 p50 ms", "static_conv_top1_change": "static_conv Δtop-1",
+        "best_int8": "best int8",
+        "goal_met": "goal met", "other_cpu_pct": "other processes' CPU %",
     }  # fmt: skip
     return df[list(cols)].rename(columns=cols).to_markdown(index=False, floatfmt=".2f")
 
