@@ -46,6 +46,24 @@ def schema_defaults(section: str) -> dict[str, Any]:
     return {key: copy.deepcopy(sub["default"]) for key, sub in props.items() if "default" in sub}
 
 
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` onto ``base`` in place the way Snakemake merges config files: dicts recurse, the rest replaces."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_config(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(paths: list[str | Path]) -> dict[str, Any]:
+    """The config files merged in order, as ``snakemake --configfile a b ...`` merges them, then validated."""
+    cfg: dict[str, Any] = {}
+    for path in paths:
+        merge_config(cfg, yaml.safe_load(Path(path).read_text()) or {})
+    return validate(cfg)
+
+
 def validate_section(section: str, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` checked as config section ``section`` (one-line error naming the key), over its defaults."""
     wrapper = {"$defs": schema()["$defs"], "type": "object", "properties": {section: schema()["properties"][section]}}

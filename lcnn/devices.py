@@ -8,10 +8,8 @@ into a one-line error naming torch's CUDA build, the driver and what to install.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
-from lcnn.utils import LcnnError
+from lcnn.utils import LcnnError, nvidia_driver
 
 # what SLURM and the CUDA runtime set when a job was given GPUs (SLURM sets them for --gpus and --gres)
 GPU_ENV_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS")
@@ -31,23 +29,6 @@ def gpus_assigned(environ: dict[str, str] | None = None) -> str | None:
             continue
         return f"{name}={value}"
     return None
-
-
-def nvidia_driver() -> str | None:
-    """The NVIDIA driver version as nvidia-smi reports it, or None where there is no nvidia-smi or it fails."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if out.returncode == 0 and lines else None
 
 
 def resolve(setting: str, key: str) -> str:

@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lcnn import config as study
 from lcnn.utils import LcnnError, cli
 
@@ -41,22 +39,11 @@ STEP_LINE = re.compile(r"epoch (\d+) step (\d+)/(\d+)")
 
 def load_config(workdir: Path, configfiles: list[str]) -> dict[str, Any]:
     """config.yaml with ``configfiles`` merged on top, as ``snakemake --configfile`` does, then validated."""
-    paths = [workdir / "config.yaml", *(workdir / p for p in configfiles)]
-    cfg: dict[str, Any] = {}
-    for path in dict.fromkeys(p.resolve() for p in paths):
+    paths = list(dict.fromkeys(p.resolve() for p in [workdir / "config.yaml", *(workdir / p for p in configfiles)]))
+    for path in paths:
         if not path.is_file():
             raise LcnnError(f"config file {path} does not exist; pass --configfile files relative to --directory")
-        _merge(cfg, yaml.safe_load(path.read_text()) or {})
-    return study.validate(cfg)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
+    return study.load_config(paths)
 
 
 # ------------------------------------------------------------------------------------------------------- SLURM

@@ -211,24 +211,25 @@ def environment() -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
         "device_name": torch.cuda.get_device_name(0) if cuda else _cpu_model(),
         "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "driver_version": _nvidia_driver() if cuda else None,
+        "driver_version": nvidia_driver() if cuda else None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_job_partition": os.environ.get("SLURM_JOB_PARTITION"),
     }
     return env
 
 
-def _nvidia_driver() -> str | None:
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version as nvidia-smi reports it, or None where there is no nvidia-smi or it fails."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=20,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    return out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def peak_rss_mb() -> float:

@@ -19,21 +19,11 @@ WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "envs", "schemas", "repor
 OVERLAYS = ["config.yaml", "profiles/demo/study.yaml", "tests/data/tiny.yaml"]
 
 
-def merge(base: dict, over: dict) -> dict:
-    """Merge ``over`` onto ``base`` the way Snakemake merges config files (dicts recurse, the rest replaces)."""
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def tiny_config(root: Path | None = None) -> dict:
     """config.yaml + demo overlay + tiny overlay, validated, with its data under ``root``."""
     cfg = {}
     for name in OVERLAYS:
-        merge(cfg, yaml.safe_load((REPO / name).read_text()))
+        study.merge_config(cfg, yaml.safe_load((REPO / name).read_text()))
     if root is not None:
         cfg["data"]["root"] = str(root)
     return study.validate(cfg)
