@@ -15,6 +15,7 @@ the round only, so a rerun proposes exactly what the first run did.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,17 @@ def distributions(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def open_study(journal: str | Path, model: str, sampler: Any = None) -> Any:
-    """The model's study in its journal file, created on first use (maximize mean validation top-1)."""
+SETTINGS_KEYS = ("space", "sampler_seed", "startup_trials", "trials_per_round", "schedule", "seeds")
+
+
+def fingerprint(cfg: dict[str, Any]) -> str:
+    """What the trials in a journal were proposed under: another space, seed or schedule is another search."""
+    return json.dumps({k: cfg.get(k) for k in SETTINGS_KEYS}, sort_keys=True)
+
+
+def open_study(cfg: dict[str, Any], sampler: Any = None) -> Any:
+    """The model's study in its journal file, created on first use (maximize mean validation top-1); a journal
+    written under other search settings is refused rather than mixed in."""
     import optuna
     from optuna.storages import JournalStorage
 
@@ -121,12 +131,23 @@ def open_study(journal: str | Path, model: str, sampler: Any = None) -> Any:
     except ImportError:  # Optuna 3.x names it JournalFileStorage
         from optuna.storages import JournalFileStorage as JournalFileBackend
 
-    Path(journal).parent.mkdir(parents=True, exist_ok=True)
+    journal = Path(cfg["journal"])
+    journal.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    name = STUDY_NAME.format(model=model)
-    return optuna.create_study(
+    name = STUDY_NAME.format(model=cfg["model"])
+    study = optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
     )
+    mine = fingerprint(cfg)
+    held = study.user_attrs.get("settings")
+    if held is None:
+        study.set_user_attr("settings", mine)
+    elif held != mine:
+        raise LcnnError(
+            f"{journal} holds a search under other settings (space, seed, schedule or seeds changed); move "
+            f"{journal.parent} aside (or delete it) to start the new search there"
+        )
+    return study
 
 
 def sampler(cfg: dict[str, Any], rnd: int) -> Any:
@@ -175,7 +196,7 @@ def propose(cfg: dict[str, Any], told: list[dict[str, Any]]) -> dict[str, Any]:
     if sorted(r["round"] for r in told) != list(range(1, rnd)):
         raise LcnnError(f"round {rnd} needs the told rounds 1..{rnd - 1}, got {[r['round'] for r in told]}")
     dists = distributions(cfg["space"])
-    study = open_study(cfg["journal"], cfg["model"], sampler(cfg, rnd))
+    study = open_study(cfg, sampler(cfg, rnd))
     _replay(study, told, dists)
     asked = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("round") == rnd]
     if not asked:
@@ -237,7 +258,7 @@ def tell(cfg: dict[str, Any], proposal: dict[str, Any], selections: list[dict], 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = outcomes(proposal, selections, final, cfg.get("confidence", 0.95))
-    study = open_study(cfg["journal"], proposal["model"])
+    study = open_study(cfg | {"model": proposal["model"]})
     held = {t.number: t for t in study.get_trials(deepcopy=False)}
     for t in trials:
         frozen = held.get(t["number"])

@@ -124,6 +124,9 @@ def test_propose_asks_once_and_tell_records_pruned_and_complete_trials(tmp_path)
     ]
     assert optuna_search.tell(settings(tmp_path, 1), first, [sel], final) == told  # told twice: recorded once
     assert len(load(tmp_path / "j.log").trials) == 3
+    other = settings(tmp_path, 1) | {"space": SPACE | {"smoothing": {"type": "float", "low": 0.0, "high": 0.1}}}
+    with pytest.raises(LcnnError, match="j.log holds a search under other settings"):
+        optuna_search.propose(other, [])  # the edited space reruns the proposal, which must not re-emit old trials
 
 
 def test_a_lost_journal_is_rebuilt_from_the_told_rounds_and_proposes_the_same(tmp_path):
@@ -250,3 +253,23 @@ def test_search_vs_grid_tool_reads_an_optuna_workdir(tmp_path, capsys):
     assert table.loc[0, "ci_basis"] == "val binomial (1 seed, 300 images)" and table.loc[0, "grid_epochs"] == 18
     with pytest.raises(LcnnError, match="give --halving DIR, --optuna DIR or both"):
         search_vs_grid.run({"grid": str(tmp_path)})
+
+
+def test_report_in_optuna_mode_adds_the_optuna_table(tmp_path):
+    """Optuna mode: the results are the grid of named variants, the search summaries go to the optuna table."""
+    from lcnn import report
+
+    results = []
+    for variant, top1 in (("baseline", 60.0), ("cosine", 72.0)):
+        res = {"model": "m", "variant": variant, "axis": "baseline" if variant == "baseline" else "schedule"}
+        res |= {"timm_name": "t", "runs": [metrics(variant, 0, top1, epochs=9) | {"epochs": 9}]}
+        results.append(tmp_path / f"{variant}.json")
+        results[-1].write_text(json.dumps(res))
+    (tmp_path / "optuna.json").write_text(json.dumps(summary("m", 75.0, 40)))
+    rep = {"gain_range": [1.5, 3.5], "fast_models": [], "latency_ms": 5.0, "throughput_ips": 9800}
+    cfg = {"report": rep, "search_mode": "optuna", "out_dir": str(tmp_path / "report")}
+    out = report.run(cfg | {"results": [str(p) for p in results], "search": [str(tmp_path / "optuna.json")]})
+    table = pd.read_csv(tmp_path / "report" / "optuna.csv")
+    assert list(table["model"]) == ["m", "ALL"] and table.loc[0, "verdict"] == "at least as good"
+    assert table.loc[0, "grid_best"] == "cosine" and table.loc[0, "epoch_fraction"] == pytest.approx(40 / 18)
+    assert len(out["optuna"]) == 2 and out["halving"] == []  # the optuna summaries are not read as halving's
