@@ -330,6 +330,19 @@ def test_parsing_the_workflow_imports_neither_torch_nor_timm(tmp_path: Path) -> 
     assert len(list((workdir / ".snakemake" / "lcnn").glob("timm_models_ok_*"))) == 1  # the names were checked
 
 
+def test_timm_name_check_is_cached_per_names_and_never_hides_a_typo(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    study.check_models(cfg, cache_dir=tmp_path)
+    stamps = list(tmp_path.glob("timm_models_ok_*"))
+    assert len(stamps) == 1
+    names = sorted(cfg["models"][m]["timm"] for m in study.selected_models(cfg))
+    assert json.loads(stamps[0].read_text())["models"] == names == ["mobilenetv3_large_100", "mobilevitv2_050"]
+    cfg["models"]["mobilenetv3_l"]["timm"] = "mobilenetv3_larg_100"
+    with pytest.raises(LcnnError, match=r"models.mobilenetv3_l.timm = 'mobilenetv3_larg_100' is not a timm model"):
+        study.check_models(cfg, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("timm_models_ok_*"))) == 1  # a failure is never cached
+
+
 @pytest.mark.slow
 def test_one_epoch_on_prepared_imagenet_photos_through_the_real_loader(clean: FakeImageNet, tmp_path: Path) -> None:
     """The foolbox photos, prepared as JPEGs, train one full epoch through ManifestDataset, staged to local disk."""
