@@ -91,7 +91,7 @@ def imagenet_synsets() -> list[str]:
 
 def normalize(cfg: dict[str, Any]) -> dict[str, Any]:
     """The ``data`` section checked against the schema and filled with its defaults (the schema holds them all)."""
-    out = validate_section("data", cfg)
+    out = validate_section("data", {**schema_defaults("data"), **cfg})  # a CLI run alone may omit source, root
     out["imagenet"] = {**schema_defaults("data.imagenet"), **(cfg.get("imagenet") or {})}
     if not out["root"]:
         raise LcnnError("data.root is empty; set it to the folder the prepared subset is written to")
