@@ -252,18 +252,26 @@ def outcomes(proposal: dict[str, Any], selections: list[dict[str, Any]], final: 
     return out
 
 
-def tell(cfg: dict[str, Any], proposal: dict[str, Any], selections: list[dict], final: list[dict]) -> dict:
-    """Tell Optuna the round's results (once: a trial the journal already holds as finished is left as it is)."""
+def tell(
+    cfg: dict[str, Any], proposal: dict[str, Any], selections: list[dict], final: list[dict], told: list[dict] = ()
+) -> dict:
+    """Tell Optuna the round's results (once: a trial the journal already holds as finished is left as it is).
+
+    A journal lost since the proposal is rebuilt from the earlier told rounds (``told``) and this round's results.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = outcomes(proposal, selections, final, cfg.get("confidence", 0.95))
     study = open_study(cfg | {"model": proposal["model"]})
-    held = {t.number: t for t in study.get_trials(deepcopy=False)}
+    dists = distributions(cfg["space"])
+    _replay(study, list(told), dists)
+    _replay(study, [{"round": proposal["round"], "trials": trials}], dists)  # only what the journal lacks
+    held = {t.user_attrs.get("variant"): t for t in study.get_trials(deepcopy=False)}
     for t in trials:
-        frozen = held.get(t["number"])
-        if frozen is None or frozen.user_attrs.get("variant") != t["variant"]:
-            raise LcnnError(f"the journal {cfg['journal']} lacks trial {t['variant']}; rerun the round's proposal")
+        frozen = held[t["variant"]]
+        if frozen.number != t["number"]:
+            raise LcnnError(f"{cfg['journal']} has {t['variant']} as trial {frozen.number}; delete it and rerun")
         if frozen.state.is_finished():
             continue
         trial = optuna.trial.Trial(study, frozen._trial_id)  # Optuna's way back to a pending trial by its id
@@ -362,7 +370,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         from lcnn import search
 
         final = [search.read_run(p) for p in cfg.get("metrics") or []]
-        out = tell(cfg, read_json(cfg["proposal"]), [read_json(p) for p in cfg.get("rungs") or []], final)
+        rungs = [read_json(p) for p in cfg.get("rungs") or []]
+        out = tell(cfg, read_json(cfg["proposal"]), rungs, final, told)
     else:
         out = summarize(cfg, told)
     atomic_write_json(cfg["out"], out)
@@ -374,7 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lcnn.optuna_search", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["propose", "tell", "summarize"])
     parser.add_argument("--config-json", required=True, help="model, round, journal, space, ...: rules/optuna.smk")
-    parser.add_argument("--told", nargs="*", default=[], help="the told rounds so far (propose, summarize)")
+    parser.add_argument(
+        "--told", nargs="*", default=[], help="the told rounds so far (earlier ones for propose and tell)"
+    )
     parser.add_argument("--proposal", help="tell: the round's proposal")
     parser.add_argument("--rungs", nargs="*", default=[], help="tell: the round's rung selections")
     parser.add_argument("--metrics", nargs="*", default=[], help="tell: last-rung metrics of the round's finalists")

@@ -86,6 +86,7 @@ checkpoint select_trial_rung:
 
 rule tell_round:
     input:
+        told=get_told_before,  # a lost journal is rebuilt from them
         proposal=f"{OPTUNA_DIR}/round{{round}}.json",
         rungs=get_tell_rungs,
         metrics=get_tell_metrics,
@@ -100,8 +101,9 @@ rule tell_round:
     params:
         search=lambda wildcards: optuna_settings(wildcards.model),
     shell:
-        "python -m lcnn.optuna_search tell --config-json {params.search:q} --proposal {input.proposal:q}"
-        " --rungs {input.rungs:q} --metrics {input.metrics:q} --out {output:q} > {log:q} 2>&1"
+        "python -m lcnn.optuna_search tell --config-json {params.search:q} --told {input.told:q}"
+        " --proposal {input.proposal:q} --rungs {input.rungs:q} --metrics {input.metrics:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule summarize_optuna:

@@ -146,6 +146,20 @@ def test_a_lost_journal_is_rebuilt_from_the_told_rounds_and_proposes_the_same(tm
         optuna_search.propose(settings(tmp_path / "b", 3), [told])
 
 
+def test_tell_rebuilds_a_journal_lost_since_the_proposal(tmp_path):
+    first = optuna_search.propose(settings(tmp_path, 1), [])
+    sel, final = round_results(first)
+    told1 = json.loads(json.dumps(optuna_search.tell(settings(tmp_path, 1), first, [sel], final)))
+    second = optuna_search.propose(settings(tmp_path, 2), [told1])
+    (tmp_path / "j.log").unlink()  # lost while round 2 trained
+    sel, final = round_results(second)
+    told2 = optuna_search.tell(settings(tmp_path, 2), second, [sel], final, [told1])
+    trials = load(tmp_path / "j.log").trials
+    assert [t.user_attrs["variant"] for t in trials] == [t["variant"] for t in told1["trials"] + told2["trials"]]
+    assert [t.number for t in trials] == list(range(6)) and all(t.state.is_finished() for t in trials)
+    assert trials[5].value == 50.5 and trials[3].intermediate_values == {1: 10.5}
+
+
 def test_a_diverged_trial_is_failed(tmp_path):
     first = optuna_search.propose(settings(tmp_path, 1, size=2, seeds=(0,)), [])
     names = [t["variant"] for t in first["trials"]]
