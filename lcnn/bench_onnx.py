@@ -226,7 +226,8 @@ class Int8Data:
         batches = timing.image_batches(dataset, eval_idx, EVAL_BATCH)
         self.eval = [x.numpy() for x, _ in batches]
         self.labels = np.concatenate([y.numpy() for _, y in batches])
-        self.calib = [x.numpy() for x, _ in timing.image_batches(dataset, calib_idx, 8)]
+        # one image per feed: ORT's percentile calibrator stacks the feeds' outputs, so they must have one shape
+        self.calib = [x.numpy() for x, _ in timing.image_batches(dataset, calib_idx, 1)]
         overlap = "disjoint from them" if len(rest) else "the same images: the manifest has no others"
         self.text = (
             f"top-1 on {len(eval_idx)} images of {settings['val_manifest']} (the trainer's eval transform); "
