@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm import tqdm
 
@@ -138,6 +139,10 @@ def setup(cfg: dict[str, Any]) -> Job:
     if tcfg.get("deterministic"):  # bit-identical resume on a GPU, at some cost in speed
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     trackers = tracking.trackers(cfg)  # an uninstalled tracker stops here, in one line, before any training
+    # Accelerate keeps one state per process; a second run() in it (tools, tests) may ask for another precision.
+    # The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         log_with=trackers or None,
         mixed_precision=precision,
