@@ -352,3 +352,22 @@ def test_config_json_accepts_inline_file_and_whole_config(tmp_path):
     assert benchmark._config_section(str(whole)) == {"iters": 7}
     with pytest.raises(benchmark.LcnnError):
         benchmark._config_section("[1, 2]")
+
+
+def test_int8_bench_goal_needs_a_faster_form_within_the_top1_drop():
+    from lcnn.tools import int8_bench
+
+    def result(static_ms, static_change):
+        rows = [{"form": "onnx", "p50": 2.0}, {"form": "onnx_int8_static", "p50": static_ms}]
+        rows += [{"form": "onnx_int8_dynamic", "p50": 9.0}, {"form": "onnx_int8_static_conv", "p50": 3.0}]
+        rows = [
+            timing.make_row(form=r["form"], engine="onnxruntime", status="ok", latency_ms_p50=r["p50"]) for r in rows
+        ]
+        checks = {"onnx_fp32_top1": 50.0, "onnx_int8_static_top1_change": static_change}
+        checks |= {"onnx_int8_dynamic_top1_change": 0.0, "onnx_int8_static_conv_top1_change": 0.0}
+        return {"rows": rows, "checks": checks, "host_other_cpu_share": 0.0}
+
+    fast_ok = int8_bench.summary_row("m", result(1.0, -0.4), {"top1": 50.0}, 0.5)
+    assert fast_ok["best_int8"] == "static" and fast_ok["static_speedup"] == 2.0 and fast_ok["goal_met"]
+    assert not int8_bench.summary_row("m", result(1.0, -1.0), {"top1": 50.0}, 0.5)["goal_met"]  # too much drop
+    assert not int8_bench.summary_row("m", result(2.5, 0.0), {"top1": 50.0}, 0.5)["goal_met"]  # no form is faster

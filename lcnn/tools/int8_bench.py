@@ -55,8 +55,9 @@ def study_config(workdir: Path, img_size: int, epochs: int, per_class: int, val_
     return study.validate(cfg)
 
 
-def trained_weights(cfg: dict[str, Any], model: str) -> tuple[Path, dict[str, Any]]:
-    """(weights, metrics) of ``model``'s baseline run: trained here unless a finished run with this recipe exists."""
+def trained_weights(cfg: dict[str, Any], model: str, reuse_any: bool = False) -> tuple[Path, dict[str, Any]]:
+    """(weights, metrics with the recipe trained) of ``model``'s baseline run: trained here unless a finished run with
+    this recipe exists (with ``reuse_any``: any finished run under the workdir, whatever recipe it recorded)."""
     from lcnn import train
 
     run_cfg = study.run_config(cfg, model, "baseline", cfg["seeds"][0])
@@ -64,17 +65,16 @@ def trained_weights(cfg: dict[str, Any], model: str) -> tuple[Path, dict[str, An
     metrics_path, config_path = out / "metrics.json", out / "config.json"
     if metrics_path.is_file() and config_path.is_file():
         saved = read_json(config_path)
-        if saved.get("hparams") == run_cfg["hparams"] and saved.get("timm_name") == run_cfg["timm_name"]:
-            print(f"[int8] {model}: reusing {out}", file=sys.stderr)
-            return out / "model.safetensors", read_json(metrics_path)
-    print(
-        f"[int8] {model}: training {cfg['baseline']['epochs']} epochs at {cfg['baseline']['img_size']} px",
-        file=sys.stderr,
-    )
+        same = saved.get("hparams") == run_cfg["hparams"] and saved.get("timm_name") == run_cfg["timm_name"]
+        if same or reuse_any:
+            print(f"[int8] {model}: reusing {out} ({'same' if same else 'its own recorded'} recipe)", file=sys.stderr)
+            return out / "model.safetensors", {**read_json(metrics_path), "recipe": saved.get("hparams")}
+    epochs, size = cfg["baseline"]["epochs"], cfg["baseline"]["img_size"]
+    print(f"[int8] {model}: training {epochs} epochs at {size} px", file=sys.stderr)
     metrics = train.run({**run_cfg, "out_dir": str(out)})
     if metrics["status"] != "ok":
         raise LcnnError(f"{model} diverged while training for the int8 check; lower lr_base in the demo overlay")
-    return out / "model.safetensors", metrics
+    return out / "model.safetensors", {**metrics, "recipe": run_cfg["hparams"]}
 
 
 def bench_model(cfg: dict[str, Any], model: str, weights: Path, num_classes: int, args) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data.run(copy.deepcopy(cfg["data"]))
     rows, results = [], {}
     for model in args.models:
-        weights, metrics = trained_weights(cfg, model)
+        weights, metrics = trained_weights(cfg, model, args.reuse_weights)
         result = bench_model(cfg, model, weights, metrics["num_classes"], args)
         results[model] = {k: result[k] for k in ("checks", "rows", "env", "host_other_cpu_share")}
         results[model]["train_metrics"] = metrics
@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--time-budget", type=float, default=10.0, help="seconds per form (at most)")
     p.add_argument("--max-top1-drop", type=float, default=0.5, help="top-1 change (points) the goal allows")
     p.add_argument("--workdir", default="results/int8_bench", help="prepared data and trained runs (reused)")
+    p.add_argument(
+        "--reuse-weights", action="store_true", help="reuse finished runs under --workdir whatever their recipe"
+    )
     p.add_argument("--out", help="also write the full result as JSON")
     args = p.parse_args(argv)
     result = run(args)
