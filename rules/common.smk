@@ -118,18 +118,25 @@ def get_exec_json(wildcards, input):
 
 
 def get_benchmark_run(wildcards):
-    """The run whose weights are benchmarked: benchmark.variant, first seed.
+    """The run whose weights are benchmarked (benchmark.variant, first seed), with its metrics: a run that diverged
+    is recorded as such by the benchmark, not timed.
 
-    Halving always carries benchmark.variant to the full budget, so its last rung is known without reading a
-    selection (the benchmark rule's named inputs must not wait on a checkpoint).
+    Halving: the last rung that run trained in. Reading the selections defers the benchmark until they exist, and
+    a pinned variant that diverged in an early rung ends there, so only this model's benchmark says so.
     """
     variant = config["benchmark"]["variant"]
     run_dir = RUN_DIR.format(model=wildcards.model, variant=variant, seed=SEEDS[0])
     if HALVING:
+        rung = 1
+        while rung < len(SCHEDULE) and variant in rung_entrants(
+            wildcards.model, rung + 1
+        ):
+            rung += 1
         run_dir = RUNG_DIR.format(
-            model=wildcards.model, variant=variant, seed=SEEDS[0], rung=len(SCHEDULE)
+            model=wildcards.model, variant=variant, seed=SEEDS[0], rung=rung
         )
     return {
         "weights": f"{run_dir}/model.safetensors",
         "run_config": f"{run_dir}/config.json",
+        "metrics": f"{run_dir}/metrics.json",
     }

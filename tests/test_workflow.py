@@ -66,7 +66,8 @@ def test_dry_run_of_the_real_config_lists_every_training_job(tmp_path, fake_imag
 def test_single_target_builds_only_what_it_needs(tmp_path):
     workdir = copy_workflow(tmp_path)
     proc = snakemake(workdir, "-n", "--profile", "profiles/demo", "results/tinyvit/cosine.json")
-    assert job_counts(proc.stdout) == {"prepare_data": 1, "train": 1, "collect_seeds": 1}
+    seeds = yaml.safe_load((REPO / "profiles/demo/study.yaml").read_text())["seeds"]
+    assert job_counts(proc.stdout) == {"prepare_data": 1, "train": len(seeds), "collect_seeds": 1}  # one per seed
 
 
 @pytest.mark.parametrize(
