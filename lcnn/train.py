@@ -130,14 +130,74 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def setup(cfg: dict[str, Any]) -> Job:
-    """Device, data, model, optimizer and schedule, prepared by Accelerate and registered for checkpointing."""
+    """Device, data, model, optimizer and schedule, prepared by Accelerate; trackers started."""
     hp, tcfg = cfg["hparams"], cfg["train"]
+    accelerator, device = make_accelerator(cfg)
+    set_seed(cfg["seed"])  # identical weights on every rank
+    img_size = hp.get("img_size") or cfg["native_img_size"]
+    train_loader, val_loader, mixup, num_classes = build_loaders(
+        cfg, img_size, accelerator.num_processes, pin_memory=device == "cuda"
+    )
+    model = models.create(
+        cfg["timm_name"],
+        num_classes,
+        img_size,
+        hp["init"],
+        hp.get("pretrained_file"),
+        hp.get("drop_path", 0.0),
+        cfg.get("pretrained_tag"),
+    )
+    if tcfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, lr = build_optimizer(model, hp, accelerator.num_processes)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps = min(len(train_loader), tcfg.get("max_steps_per_epoch") or len(train_loader))
+    epochs = hp["epochs"]  # the schedule always spans the full budget, also when this job stops earlier
+    stop_at = int(cfg.get("stop_epoch") or epochs)  # a halving rung stops here; its state lets the next one go on
+    if not 1 <= stop_at <= epochs:
+        raise LcnnError(f"stop_epoch {stop_at} must be between 1 and the run's {epochs} epochs")
+    job = Job(
+        cfg=cfg,
+        out=Path(cfg["out_dir"]),
+        tag=f"{cfg['model']}/{cfg['variant']}/seed{cfg['seed']}",
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, hp, steps),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        mixup=mixup,
+        losses=build_loss(hp),
+        lr=lr,
+        img_size=img_size,
+        num_classes=num_classes,
+        steps=steps,
+        epochs=epochs,
+        stop_at=stop_at,
+    )
+    if accelerator.log_with:  # the tracker instances make_accelerator handed over
+        if "mlflow" in tcfg.get("log_with", []) and accelerator.is_main_process:
+            tracking.ensure_mlflow_experiment()
+        accelerator.init_trackers(tracking.PROJECT, config=tracking.hparams(cfg))
+    # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
+    set_seed(cfg["seed"], device_specific=True)
+    return job
+
+
+def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
+    """The job's Accelerator on the device it was given (never a silent CPU fallback), with its trackers."""
+    tcfg = cfg["train"]
     device = devices.resolve(tcfg.get("device", "auto"), "train.device")
     precision = tcfg.get("precision", "no")
     if precision == "fp16" and device == "cpu":
         raise LcnnError("train.precision is fp16 but there is no GPU; use bf16 or no on the CPU")
     if tcfg.get("deterministic"):  # bit-identical resume on a GPU, at some cost in speed
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op with no deterministic CUDA kernel (e.g. adaptive pooling's backward) warns, not crashes
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = not tcfg.get("deterministic")
     trackers = tracking.trackers(cfg)  # an uninstalled tracker stops here, in one line, before any training
     # Accelerate keeps one state per process; a second run() in it (tools, tests) may ask for another precision.
     # The process group (PartialState) stays.
@@ -158,64 +218,7 @@ def setup(cfg: dict[str, Any]) -> Job:
             f"this job runs {accelerator.num_processes} processes but train.gpus_per_job is {expected}; "
             "start it through `python -m lcnn.launch --nproc N` as the train rule does"
         )
-    if tcfg.get("deterministic"):
-        # warn_only: an op with no deterministic CUDA kernel (e.g. adaptive pooling's backward) warns, not crashes
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = not tcfg.get("deterministic")
-    set_seed(cfg["seed"])  # identical weights on every rank
-    img_size = hp.get("img_size") or cfg["native_img_size"]
-    train_loader, val_loader, mixup, num_classes = build_loaders(
-        cfg, img_size, accelerator.num_processes, pin_memory=device == "cuda"
-    )
-    model = models.create(
-        cfg["timm_name"],
-        num_classes,
-        img_size,
-        hp["init"],
-        hp.get("pretrained_file"),
-        hp.get("drop_path", 0.0),
-        cfg.get("pretrained_tag"),
-    )
-    if tcfg.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, lr = build_optimizer(model, hp, accelerator.num_processes)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps = len(train_loader)
-    if tcfg.get("max_steps_per_epoch"):
-        steps = min(steps, tcfg["max_steps_per_epoch"])
-    scheduler = build_scheduler(optimizer, hp, steps)
-    epochs = hp["epochs"]  # the schedule always spans the full budget, also when this job stops earlier
-    stop_at = int(cfg.get("stop_epoch") or epochs)  # a halving rung stops here; its state lets the next one go on
-    if not 1 <= stop_at <= epochs:
-        raise LcnnError(f"stop_epoch {stop_at} must be between 1 and the run's {epochs} epochs")
-    job = Job(
-        cfg=cfg,
-        out=Path(cfg["out_dir"]),
-        tag=f"{cfg['model']}/{cfg['variant']}/seed{cfg['seed']}",
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        mixup=mixup,
-        losses=build_loss(hp),
-        lr=lr,
-        img_size=img_size,
-        num_classes=num_classes,
-        steps=steps,
-        epochs=epochs,
-        stop_at=stop_at,
-    )
-    if trackers:
-        if "mlflow" in tcfg.get("log_with", []) and accelerator.is_main_process:
-            tracking.ensure_mlflow_experiment()
-        accelerator.init_trackers(tracking.PROJECT, config=tracking.hparams(cfg))
-    # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
-    set_seed(cfg["seed"], device_specific=True)
-    return job
+    return accelerator, device
 
 
 def identity(job: Job) -> dict[str, Any]:
