@@ -369,16 +369,31 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["command"] == "select":
         previous = read_json(cfg["previous"]) if cfg.get("previous") else None
         out = select_rung(cfg, metrics, previous)
+        _check_states(cfg["metrics"], metrics, out)
     else:
         out = summarize_halving(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
     atomic_write_json(cfg["out"], out)
     if cfg["command"] == "select" and not cfg.get("keep_checkpoint"):
-        from lcnn import checkpoint  # imports torch: only here
+        from lcnn import checkpoint
 
         for path, m in zip(cfg["metrics"], metrics):  # a run that goes no further never resumes: free its state
             if m["variant"] not in out["next"]:
                 checkpoint.remove(Path(path).parent / "state")
     return out
+
+
+def _check_states(paths: list[str], metrics: list[dict[str, Any]], out: dict[str, Any]) -> None:
+    """Every run that goes on must have the state it goes on from. A selection rerun under another rule (search.promote,
+    eta, the candidates) can promote a run whose state an earlier selection freed: say so here, not in a failed job."""
+    from lcnn import checkpoint  # imports torch: only here
+
+    lost = [Path(p).parent for p, m in zip(paths, metrics) if m["variant"] in out["next"]]
+    lost = [d for d in lost if checkpoint.find(d / "state") is None]
+    if lost:
+        raise LcnnError(
+            f"{', '.join(map(str, lost))} go on to the next rung, but an earlier selection freed their training state "
+            "(search.promote, eta or the candidates changed since); delete those folders and rerun to retrain them"
+        )
 
 
 def _config_json(arg: str) -> dict[str, Any]:

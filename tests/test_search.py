@@ -124,6 +124,25 @@ def test_one_seed_promotes_on_the_validation_sets_binomial_interval():
         search.select(sc, ["a"], [], [], 3, promote="median")
 
 
+def test_a_reselection_that_promotes_a_freed_run_says_what_to_delete(tmp_path):
+    """Rerun under another promotion rule, a selection may promote a run whose state an earlier one freed."""
+    cfg = {"model": "m", "rung": 1, "epochs": 1, "budget": 3, "eta": 2, "seeds": [0], "pinned": [], "schedule": [1, 3]}
+    cfg |= {"candidates": ["a", "b"], "command": "select", "out": tmp_path / "rung1.json", "promote": "mean"}
+    paths = []
+    for v, top1 in (("a", 30.0), ("b", 20.0)):
+        (tmp_path / v / "state" / checkpoint.STATE_DIR).mkdir(parents=True)
+        paths.append(tmp_path / v / "metrics.json")
+        paths[-1].write_text(json.dumps(metrics(v, 0, top1)))
+    (tmp_path / "a" / "state" / checkpoint.STATE_DIR / checkpoint.META_FILE).write_text("{}")
+    assert search.run(cfg | {"metrics": [str(p) for p in paths]})["next"] == ["a"]
+    assert not (tmp_path / "b" / "state" / checkpoint.STATE_DIR).exists()  # b goes no further: freed
+    overlap = cfg | {"metrics": [str(p) for p in paths], "promote": "overlap"}  # 30 vs 20 on 500 images: no overlap
+    assert search.run(overlap)["next"] == ["a"]
+    (tmp_path / "b" / "metrics.json").write_text(json.dumps(metrics("b", 0, 29.0)))  # now within a's interval
+    with pytest.raises(LcnnError, match=r"b go on to the next rung, but an earlier selection freed"):
+        search.run(overlap)
+
+
 def test_the_halving_table_says_which_rule_decided():
     s = two_rung_search()
     assert search.compare(s, {})["promoted_by"] == "lcb (val binomial)"
