@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcnn import timing
+from lcnn import devices, timing
 from lcnn.bench_checks import Reference, check_config, compiler_missing, output_diff, reparameterized
 from lcnn.config import schema_defaults, validate_section
 from lcnn.timing import REL_TOL, MemProbe, error_text, log, make_input, make_row, progress_line
@@ -55,14 +55,10 @@ DEFAULTS: dict[str, Any] = {
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LcnnError(f"benchmark device '{name}' requested but CUDA is not available; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
+    """``auto``, ``cpu`` or ``cuda``: a job given a GPU that torch cannot see stops here (lcnn.devices)."""
+    if name not in ("auto", "cpu", "cuda"):
         raise LcnnError(f"unsupported benchmark device '{name}'; use auto, cpu or cuda")
-    return device
+    return torch.device(devices.resolve(name, "benchmark.device"))
 
 
 def precision_unsupported(precision: str, device: torch.device) -> str | None:
@@ -295,6 +291,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from lcnn import models
 
     resolve_device(resolve_settings(cfg.get("benchmark") or {})["device"])  # fail fast, before building the model
+    ran = read_json(cfg["run_metrics"]) if cfg.get("run_metrics") else None
+    if ran is not None and ran.get("status") != "ok":  # a diverged run's weights are not worth timing
+        return _not_benchmarked(cfg, ran)
     rss_baseline = timing.rss_mb()
     model = models.create(cfg["timm_name"], cfg.get("num_classes") or 1000, img_size=cfg.get("img_size"))
     if cfg.get("weights"):
@@ -311,6 +310,21 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _not_benchmarked(cfg: dict[str, Any], ran: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark file of a model whose benchmarked run did not finish ok: no rows, and the reason."""
+    at = ran.get("diverged_at") or {}
+    where = f" at epoch {at['epoch']} step {at['step']}" if at else ""
+    run = f"{ran.get('model')}/{ran.get('variant')}/seed{ran.get('seed')}"
+    reason = f"not benchmarked: its benchmarked run {run} {ran.get('status')}{where}"
+    result = {"model": cfg.get("model_name") or cfg["timm_name"], "timm_name": cfg["timm_name"], "rows": []}
+    result |= {"status": ran.get("status"), "reason": reason, "img_size": cfg.get("img_size"), "checks": {}}
+    result["env"] = environment()
+    if cfg.get("out"):
+        atomic_write_json(cfg["out"], result)
+    log(f"[bench] {reason}; wrote {cfg.get('out')} without timing it")
+    return result
+
+
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
     return lambda text: [kind(item.strip()) for item in text.split(",") if item.strip()]
 
@@ -321,6 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-name", help="study name for the output (default: the run config's model or timm name)")
     p.add_argument("--weights", help="safetensors weights (default: random init, for timing only)")
     p.add_argument("--run-config", help="a training run's config.json: supplies timm_name, num_classes, img_size")
+    p.add_argument("--run-metrics", help="that run's metrics.json: a run that diverged is recorded, not timed")
     p.add_argument("--num-classes", type=int, help="classifier classes (default: run config's, else 1000)")
     p.add_argument("--img-size", type=int, help="training resolution (default: run config's, else the model's)")
     p.add_argument("--config-json", help="JSON file holding the config's benchmark section; flags override it")
@@ -370,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_name": model_name,
         "timm_name": timm_name,
         "weights": args.weights,
+        "run_metrics": args.run_metrics,
         "num_classes": args.num_classes or run_cfg.get("num_classes") or 1000,
         "img_size": args.img_size or run_cfg.get("img_size"),
         "out": args.out or f"benchmarks/{model_name}.json",

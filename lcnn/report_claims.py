@@ -98,14 +98,14 @@ def claims_table(
         p50 = m.get("b1_p50_ms", math.nan)
         row = base | {"claim_id": "b", "claim": f"batch-1 latency under {rep['latency_ms']:g} ms ({where})"}
         row["note"] = "best p50 over forms/precisions on the benchmark device"
-        measured = "no successful batch-1 measurement"
+        measured = m.get("benchmark_note") or "no successful batch-1 measurement"
         if not pd.isna(p50):
             measured = f"p50 {p50:.2f} ms (p99 {num(m['b1_p99_ms'])} ms; {m['b1_config']}, batch 1)"
         rows.append(_timing_claim(row, p50, measured, p50 < rep["latency_ms"], why_not, rep))
         thr = m.get("max_throughput_ips", math.nan)
         row = base | {"claim_id": "c", "claim": f"throughput above {rep['throughput_ips']:g} images/s ({where})"}
         row["note"] = "best batch size on the benchmark device"
-        measured = "no successful measurement"
+        measured = m.get("benchmark_note") or "no successful measurement"
         if not pd.isna(thr):
             measured = f"{thr:.0f} images/s at batch {int(m['max_throughput_batch'])} ({m['max_throughput_config']})"
         rows.append(_timing_claim(row, thr, measured, thr > rep["throughput_ips"], why_not, rep))

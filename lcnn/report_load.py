@@ -20,7 +20,10 @@ LATENCY_FIELDS += ("latency_ms_p50", "latency_ms_p99", "throughput_ips")
 RUN_FIELDS = ("seed", "status", "top1", "top5", "best_top1", "best_epoch", "epochs", "epochs_completed")
 RUN_FIELDS += ("train_seconds", "device", "device_type", "num_devices", "device_hours", "params", "diverged_at")
 DEVICE_CLASS = {"cuda": "GPU", "cpu": "CPU", "mps": "MPS"}  # torch device type -> the class a claim names
-BENCH_MODEL_COLUMNS = ["model", "timm_name", "params", "gmacs", "img_size", "device", "device_class", "excluded_forms"]
+BENCH_MODEL_COLUMNS = [
+    *("model", "timm_name", "params", "gmacs", "img_size", "device", "device_class", "excluded_forms"),
+    "benchmark_note",  # why a model has no rows (its benchmarked run diverged)
+]
 
 
 def load_runs(paths: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -107,7 +110,7 @@ def load_benchmarks(paths: list[str], tol: float = EQUIVALENCE_TOL) -> tuple[pd.
             | {"gmacs": bench.get("gmacs"), "img_size": bench.get("img_size")}
             | {"device": _device_label(main, env) if main else "n/a"}
             | {"device_class": DEVICE_CLASS.get(str(main).split(":")[0], str(main)) if main else "n/a"}
-            | {"excluded_forms": ",".join(sorted(bad_forms))}
+            | {"excluded_forms": ",".join(sorted(bad_forms)), "benchmark_note": bench.get("reason")}
         )
         for r in bench["rows"]:
             rows.append(

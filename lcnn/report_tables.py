@@ -193,10 +193,11 @@ def models_table(
             row |= {"max_throughput_ips": r["throughput_ips"], "max_throughput_batch": r["batch_size"]}
             row |= {"max_throughput_config": _config(r)}
         row["excluded_forms"] = info.get("excluded_forms", "")
+        row["benchmark_note"] = info.get("benchmark_note") or ""  # e.g. why it was not benchmarked
         rows.append(row)
     cols = ["model", "timm_name", "device", "device_class", "bench_img_size", "params_M", "gmacs", "baseline_top1"]
     cols += ["best_variant", "best_top1", "b1_p50_ms", "b1_p99_ms", "b1_config", "max_throughput_ips"]
-    cols += ["max_throughput_batch", "max_throughput_config", "excluded_forms"]
+    cols += ["max_throughput_batch", "max_throughput_config", "excluded_forms", "benchmark_note"]
     df = pd.DataFrame(rows, columns=cols)
     df["pareto_latency"] = [yn(m) for m in pareto_mask(df["b1_p50_ms"], df["best_top1"])]
     df["pareto_throughput"] = [yn(m) for m in pareto_mask(df["max_throughput_ips"], df["best_top1"], False)]

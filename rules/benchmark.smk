@@ -21,5 +21,5 @@ rule benchmark:
         timm_name=lambda wildcards: config["models"][wildcards.model]["timm"],
     shell:
         "python -m lcnn.benchmark --model-name {wildcards.model} --timm-name {params.timm_name:q}"
-        " --weights {input.weights:q} --run-config {input.run_config:q}"
+        " --weights {input.weights:q} --run-config {input.run_config:q} --run-metrics {input.metrics:q}"
         " --config-json {params.bench:q} --val-manifest {input.val:q} --out {output:q} > {log:q} 2>&1"
