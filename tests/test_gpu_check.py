@@ -82,6 +82,7 @@ def test_throughput_check_times_both_loops_on_the_cpu():
     assert row["ratio"] == pytest.approx(row["lcnn_images_per_s"] / row["bare_images_per_s"])
 
 
+@pytest.mark.slow
 def test_run_writes_both_files_from_a_real_check_on_the_cpu(tmp_path):
     """The harness end to end on the CPU: one small model's training check, then the JSON and Markdown."""
     cfg = {"out": tmp_path, "device": "cpu", "checks": ["train"], "img_size": 32, "precisions": ["bf16"],

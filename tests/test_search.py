@@ -281,6 +281,7 @@ def test_search_vs_grid_tool_reads_two_workdirs(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ resume == whole
+@pytest.mark.slow
 def test_rung_after_rung_equals_one_continuous_run(built_data, tmp_path):
     """Rung 1 stops after epoch 1 under the 3-epoch schedule; rung 2 goes on from its state to epoch 3."""
     cfg = tiny_config(built_data)

@@ -42,6 +42,7 @@ def fake_imagenet_config(tmp_path_factory) -> Path:
     return overlay
 
 
+@pytest.mark.slow
 def test_lint_is_clean():
     proc = snakemake(REPO, "--lint", "--profile", "profiles/demo")
     assert "Congratulations, your workflow is in a good condition" in proc.stdout + proc.stderr
@@ -53,6 +54,7 @@ def test_formatting_is_clean():
     subprocess.run([str(BIN / "ruff"), "format", "--check", "lcnn", "tests"], cwd=REPO, check=True)
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_real_config_lists_every_training_job(tmp_path, fake_imagenet_config):
     workdir = copy_workflow(tmp_path)
     proc = snakemake(workdir, "-n", "--configfile", "config.yaml", str(fake_imagenet_config))
@@ -63,6 +65,7 @@ def test_dry_run_of_the_real_config_lists_every_training_job(tmp_path, fake_imag
     assert counts["benchmark"] == 7 and counts["report"] == 1 and counts["prepare_data"] == 1
 
 
+@pytest.mark.slow
 def test_single_target_builds_only_what_it_needs(tmp_path):
     workdir = copy_workflow(tmp_path)
     proc = snakemake(workdir, "-n", "--profile", "profiles/demo", "results/tinyvit/cosine.json")
@@ -78,6 +81,7 @@ def test_single_target_builds_only_what_it_needs(tmp_path):
         ({"train": {"epochs": 3}}, "'train.epochs' is not allowed here; it belongs under baseline"),
     ],
 )
+@pytest.mark.slow
 def test_bad_config_stops_before_any_job(tmp_path, overlay, message):
     workdir = copy_workflow(tmp_path)
     (workdir / "bad.yaml").write_text(yaml.safe_dump(overlay))
@@ -100,6 +104,8 @@ def test_tiny_study_end_to_end(tiny_study):
         ok = [r for r in bench["rows"] if r["status"] == "ok" and r["form"] == "trained"]
         assert {r["batch_size"] for r in ok} == {1, 4}
         assert all(r["latency_ms_p50"] > 0 and r["throughput_ips"] > 0 for r in ok)
+        onnx = [r for r in bench["rows"] if r["engine"] == "onnxruntime"]
+        assert len(onnx) >= 1 and {r["status"] for r in onnx} == {"ok"}  # the edge path ran, and matched eager
     accuracy = (tiny_study / "results/report/accuracy.md").read_text()
     assert "mobilenetv3_l" in accuracy and "cosine" in accuracy
     gains = pd.read_csv(tiny_study / "results/report/gains.csv")
