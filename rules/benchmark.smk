@@ -3,7 +3,9 @@
 
 rule benchmark:
     input:
-        unpack(get_benchmark_run),
+        weights=benchmark_input("weights"),
+        run_config=benchmark_input("run_config"),
+        metrics=benchmark_input("metrics"),
         val=rules.prepare_data.output.val,  # real images for the fp16/bf16 agreement check and int8 calibration and top-1
     output:
         "benchmarks/{model}.json",

@@ -140,3 +140,10 @@ def get_benchmark_run(wildcards):
         "run_config": f"{run_dir}/config.json",
         "metrics": f"{run_dir}/metrics.json",
     }
+
+
+def benchmark_input(name):
+    """One named input of the benchmark rule: a named function each, since unpack() of a function that waits on a
+    checkpoint leaves the names undefined until then (and a dry run formats the shell command before that).
+    """
+    return lambda wildcards: get_benchmark_run(wildcards)[name]
