@@ -68,12 +68,23 @@ class Progress:
 
 
 class _StopSignal:
-    """Remembers a stop signal; the loop turns it into Accelerate's trigger at its next check."""
+    """Remembers a stop signal while a run trains; the loop turns it into Accelerate's trigger at its next check.
+
+    A context manager: the previous handlers come back when the run ends, so a process that called ``run()`` (a
+    tool, a test) and later forks workers does not leave them deaf to SIGTERM.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum
@@ -112,17 +123,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     faulthandler.enable()  # a segfault in a native library names itself and the Python stack in the job's log
     job = setup(cfg)
     resume(job)
-    stop = _StopSignal()
     announce(job)
     diverged = None
-    while job.progress.epoch < job.stop_at:
-        diverged = train_epoch(job, stop)
-        if diverged is not None:
-            job.accelerator.print(
-                f"[{job.tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged"
-            )
-            break
-        end_epoch(job)
+    with _StopSignal() as stop:
+        while job.progress.epoch < job.stop_at:
+            diverged = train_epoch(job, stop)
+            if diverged is not None:
+                job.accelerator.print(
+                    f"[{job.tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged"
+                )
+                break
+            end_epoch(job)
     result = finish(job, diverged)
     hand_off(job, diverged)
     job.accelerator.end_training()

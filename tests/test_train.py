@@ -144,7 +144,10 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
 
 @pytest.mark.slow
 def test_run_writes_every_output_with_fixed_keys(built_data, tmp_path):
+    before = {sig: signal.getsignal(sig) for sig in train.STOP_SIGNALS}
     metrics = train.run(run_cfg(built_data, tmp_path, model="mobilenetv3_l"))
+    # the stop handlers are the run's alone: workers this process forks later must still die by SIGTERM
+    assert {sig: signal.getsignal(sig) for sig in train.STOP_SIGNALS} == before
     names = {p.name for p in tmp_path.iterdir()}
     assert {"model.safetensors", "history.csv", "config.json", "env.json", "metrics.json"} <= names
     assert metrics["status"] == "ok" and metrics["epochs_completed"] == 2
