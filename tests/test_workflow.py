@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, REPO, TINY_ARGS, copy_workflow, snakemake
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lcnn import config as study
 from lcnn.data import imagenet_synsets
@@ -100,6 +101,11 @@ def test_tiny_study_end_to_end(tiny_study):
             assert 0 <= result["top1_mean"] <= 100 and result["runs"][0]["epochs_completed"] == 1
             history = pd.read_csv(tiny_study / f"runs/{model}/{variant}/seed0/history.csv")
             assert list(history["epoch"]) == [1]
+            # the default tracker, read back with TensorBoard's own reader
+            (events,) = (tiny_study / f"logs/tb/{model}/{variant}/seed0").glob("events.out.tfevents.*")
+            tb = EventAccumulator(str(events))
+            tb.Reload()
+            assert [e.value for e in tb.Scalars("eval/top1")] == pytest.approx(list(history["top1"]), abs=1e-3)
         bench = json.loads((tiny_study / f"benchmarks/{model}.json").read_text())
         ok = [r for r in bench["rows"] if r["status"] == "ok" and r["form"] == "trained"]
         assert {r["batch_size"] for r in ok} == {1, 4}
