@@ -28,7 +28,7 @@ from lcnn import config as study
 pytestmark = pytest.mark.slow
 
 MODEL, VARIANT = "mobilevitv2_xs", "mixup_cutmix"  # Mixup/CutMix: per-rank RNG draws that a resume must restore
-OUTPUTS = {"model.safetensors", "history.csv", "config.json", "env.json", "metrics.json"}
+OUTPUTS = {"model.safetensors", "history.csv", "summary.csv", "args.yaml", "config.json", "env.json", "metrics.json"}
 
 
 def job_config(data_root: Path) -> dict:

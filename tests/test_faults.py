@@ -34,7 +34,7 @@ from lcnn import checkpoint, models, results, utils
 from lcnn import config as study
 from lcnn.utils import LcnnError
 
-OUTPUTS = {"model.safetensors", "history.csv", "config.json", "env.json", "metrics.json"}
+OUTPUTS = {"model.safetensors", "history.csv", "summary.csv", "args.yaml", "config.json", "env.json", "metrics.json"}
 REAL = yaml.safe_load((REPO / "config.yaml").read_text())
 NO_GPU = not torch.cuda.is_available()
 
