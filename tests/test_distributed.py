@@ -190,7 +190,7 @@ def test_a_resume_with_another_process_count_is_refused_in_one_line(whole, tmp_p
 def test_killed_trainer_is_named_in_the_last_log_line(built_data, tmp_path, env):
     """A trainer that dies by a signal (here a real SIGSEGV) leaves a last line saying so, and the shell's status."""
     cfg = job_config(built_data)
-    cfg["train"]["gpus_per_job"] = 1
+    cfg["train"].update(gpus_per_job=1, num_workers=0)  # an orphaned loader worker would write after the launcher
     log = tmp_path / "log"
     proc = start([sys.executable, "-m", "lcnn.launch", "--", *train_args(cfg, tmp_path / "run")], env, log)
     wait_until(lambda: "epoch 1 step 2/" in log.read_text(), proc, log)
