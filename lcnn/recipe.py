@@ -10,11 +10,12 @@ import math
 import os
 import random
 import signal
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -85,15 +86,27 @@ def _worker_stop(signum: int, _frame: Any) -> None:
     _worker_stop.seen = True
 
 
-def transforms(hp: dict[str, Any], img_size: int, timm_name: str) -> tuple[Any, Any]:
-    """Training and evaluation transforms from timm's ``create_transform``, normalised like the model."""
+def normalization(timm_name: str) -> dict[str, Any]:
+    """The model's own input normalisation (mean, std, crop_pct) from its pretrained config, without building it."""
     import timm
 
     if not timm.is_model(timm_name):  # the first place a run touches its model: fail here, in one line
         raise LcnnError(f"unknown timm model '{timm_name}'; use a name from timm.list_models()")
-    pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)  # the model's own normalisation, without building it
+    pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
     data_cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
-    common = {"mean": data_cfg["mean"], "std": data_cfg["std"], "interpolation": "bicubic"}
+    return {"mean": data_cfg["mean"], "std": data_cfg["std"], "crop_pct": data_cfg.get("crop_pct", 0.875)}
+
+
+def transforms(hp: dict[str, Any], img_size: int, timm_name: str, prefetcher: bool = False) -> tuple[Any, Any]:
+    """Training and evaluation transforms from timm's ``create_transform``, normalised like the model.
+
+    ``prefetcher`` is timm's ``use_prefetcher``: the transforms end in uint8 tensors, and normalisation and random
+    erasing are left to :class:`DeviceBatch` on the device.
+    """
+    norm = normalization(timm_name)
+    common: dict[str, Any] = {"interpolation": "bicubic", "use_prefetcher": prefetcher}
+    if not prefetcher:
+        common |= {"mean": norm["mean"], "std": norm["std"]}
     train = create_transform(
         img_size,
         is_training=True,
@@ -101,16 +114,56 @@ def transforms(hp: dict[str, Any], img_size: int, timm_name: str) -> tuple[Any, 
         hflip=hp["hflip"],
         color_jitter=hp["color_jitter"] or None,
         auto_augment=hp["auto_augment"],
-        re_prob=hp["re_prob"],
+        re_prob=0.0 if prefetcher else hp["re_prob"],
         re_mode="pixel",
         **common,
     )
-    evaluation = create_transform(img_size, is_training=False, crop_pct=data_cfg.get("crop_pct", 0.875), **common)
+    evaluation = create_transform(img_size, is_training=False, crop_pct=norm["crop_pct"], **common)
     return train, evaluation
 
 
-def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int, pin_memory: bool = False):
-    """Streaming train/val loaders over the prepared manifests, plus the Mixup/CutMix batch transform.
+class DeviceBatch:
+    """timm's prefetcher step on a batch that is already on the device: uint8 to normalised float, then erasing.
+
+    With ``train.prefetcher`` (the default, as in timm's train.py) the loader workers stop at uint8 tensors: a
+    quarter of the bytes to pin and copy to the GPU, and no float maths on the workers' CPU cores. The batch is
+    normalised here as timm's ``PrefetchLoader`` does it (mean and std times 255), and in training randomly erased
+    with timm's ``RandomErasing`` on the device. It is a function of the batch, not a loader wrapper, so the loader
+    Accelerate prepared (sharding, ``set_epoch``, ``skip_first_batches``) stays as it is. Without the prefetcher
+    the batch is already normalised and passes through.
+    """
+
+    def __init__(self, timm_name: str, re_prob: float, device: Any, prefetcher: bool = True) -> None:
+        self.prefetcher = prefetcher
+        self.mean = self.std = self.erase = None
+        if prefetcher:
+            norm = normalization(timm_name)
+            self.mean = torch.tensor([255 * m for m in norm["mean"]], device=device).view(1, -1, 1, 1)
+            self.std = torch.tensor([255 * s for s in norm["std"]], device=device).view(1, -1, 1, 1)
+            if re_prob > 0:
+                self.erase = RandomErasing(probability=re_prob, mode="pixel", device=device)
+
+    def __call__(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        if not self.prefetcher:
+            return images
+        if images.dtype != torch.uint8:
+            raise LcnnError(f"train.prefetcher expects uint8 batches from the loader, got {images.dtype}")
+        images = images.float().sub_(self.mean).div_(self.std)
+        return self.erase(images) if train and self.erase is not None else images
+
+
+class Loaders(NamedTuple):
+    train: DataLoader
+    val: DataLoader
+    mixup: Mixup | None  # the Mixup/CutMix batch transform, applied on the device after ``on_device``
+    num_classes: int
+    on_device: DeviceBatch  # normalises (and erases) uint8 batches on the device with ``train.prefetcher``
+
+
+def build_loaders(
+    cfg: dict[str, Any], img_size: int, num_processes: int, pin_memory: bool = False, device: Any = "cpu"
+) -> Loaders:
+    """Streaming train/val loaders over the prepared manifests, plus the batch transforms that run on ``device``.
 
     Workers persist across epochs and prefetch ``train.prefetch_factor`` batches each; ``pin_memory`` (on a GPU)
     lets the host-to-device copies run asynchronously.
@@ -130,8 +183,12 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int, pin_me
             f"in {root}; lower baseline.batch_size (or the variant's) below {len(train_set)}"
         )
     tag = cfg.get("pretrained_tag") if hp["init"] == "pretrained" else None  # pretrained weights: their normalisation
-    train_tf, eval_tf = transforms(hp, img_size, f"{cfg['timm_name']}.{tag}" if tag else cfg["timm_name"])
+    timm_name = f"{cfg['timm_name']}.{tag}" if tag else cfg["timm_name"]
+    prefetcher = tcfg.get("prefetcher", True)
+    train_tf, eval_tf = transforms(hp, img_size, timm_name, prefetcher)
     workers = tcfg.get("num_workers", 0)
+    # each loader's own generator: starting an epoch's iterator (also a resumed one, mid-epoch) then never draws
+    # from the process RNG, whose stream drop-path, Mixup and random erasing use and a saved state restores
     loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
     if workers:
         prefetch = tcfg.get("prefetch_factor", 4)
@@ -141,9 +198,15 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int, pin_me
         batch_size=hp["batch_size"],
         shuffle=True,
         drop_last=True,
+        generator=torch.Generator().manual_seed(cfg["seed"]),
         **loader_kw,
     )
-    val_loader = DataLoader(SeededTransforms(val_set, eval_tf, cfg["seed"]), batch_size=hp["batch_size"], **loader_kw)
+    val_loader = DataLoader(
+        SeededTransforms(val_set, eval_tf, cfg["seed"]),
+        batch_size=hp["batch_size"],
+        generator=torch.Generator().manual_seed(cfg["seed"]),
+        **loader_kw,
+    )
     mixup = None
     if hp["mixup"] > 0 or hp["cutmix"] > 0:
         mixup = Mixup(
@@ -152,7 +215,8 @@ def build_loaders(cfg: dict[str, Any], img_size: int, num_processes: int, pin_me
             label_smoothing=hp["smoothing"],
             num_classes=train_set.num_classes,
         )
-    return train_loader, val_loader, mixup, train_set.num_classes
+    on_device = DeviceBatch(timm_name, hp["re_prob"], device, prefetcher)
+    return Loaders(train_loader, val_loader, mixup, train_set.num_classes, on_device)
 
 
 def build_loss(hp: dict[str, Any]) -> tuple[nn.Module, nn.Module]:

@@ -104,6 +104,7 @@ class Job:
     train_loader: Any
     val_loader: Any
     mixup: Any
+    on_device: Any  # lcnn.recipe.DeviceBatch: uint8 batches normalised (and erased) on the device
     losses: tuple[Any, Any]
     lr: float
     img_size: int
@@ -146,9 +147,8 @@ def setup(cfg: dict[str, Any]) -> Job:
     accelerator, device = make_accelerator(cfg)
     set_seed(cfg["seed"])  # identical weights on every rank
     img_size = hp.get("img_size") or cfg["native_img_size"]
-    train_loader, val_loader, mixup, num_classes = build_loaders(
-        cfg, img_size, accelerator.num_processes, pin_memory=device == "cuda"
-    )
+    loaders = build_loaders(cfg, img_size, accelerator.num_processes, device == "cuda", accelerator.device)
+    num_classes = loaders.num_classes
     model = models.create(
         cfg["timm_name"],
         num_classes,
@@ -161,7 +161,7 @@ def setup(cfg: dict[str, Any]) -> Job:
     if tcfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     optimizer, lr = build_optimizer(model, hp, accelerator.num_processes)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, loaders.train, loaders.val)
     steps = min(len(train_loader), tcfg.get("max_steps_per_epoch") or len(train_loader))
     epochs = hp["epochs"]  # the schedule always spans the full budget, also when this job stops earlier
     stop_at = int(cfg.get("stop_epoch") or epochs)  # a halving rung stops here; its state lets the next one go on
@@ -177,7 +177,8 @@ def setup(cfg: dict[str, Any]) -> Job:
         scheduler=build_scheduler(optimizer, hp, steps),
         train_loader=train_loader,
         val_loader=val_loader,
-        mixup=mixup,
+        mixup=loaders.mixup,
+        on_device=loaders.on_device,
         losses=build_loss(hp),
         lr=lr,
         img_size=img_size,
@@ -320,6 +321,7 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, int] | None:
     for images, targets in loader:
         if prog.step >= job.steps:
             break
+        images = job.on_device(images, train=True)
         if job.mixup is not None:
             images, targets = job.mixup(images, targets)
         if tcfg.get("channels_last"):
@@ -398,7 +400,9 @@ def end_epoch(job: Job) -> None:
     prog = job.progress
     epoch, totals = prog.epoch, prog.epoch_acc
     t0 = time.perf_counter()
-    metrics = evaluate(job.model, job.val_loader, job.losses[1], job.accelerator, job.tcfg.get("channels_last"))
+    metrics = evaluate(
+        job.model, job.val_loader, job.losses[1], job.accelerator, job.tcfg.get("channels_last"), job.on_device
+    )
     prog.val_seconds += time.perf_counter() - t0
     seconds = totals["seconds"]  # the whole epoch, also across a resume
     row = {
@@ -432,12 +436,19 @@ def end_epoch(job: Job) -> None:
         save_state(job)
 
 
-def evaluate(model, loader, loss_fn, accelerator: Accelerator, channels_last: bool) -> dict[str, float]:
-    """Top-1/top-5 and loss over the whole held-out validation set (``gather_for_metrics`` drops the padding)."""
+def evaluate(
+    model, loader, loss_fn, accelerator: Accelerator, channels_last: bool, on_device: Any = None
+) -> dict[str, float]:
+    """Top-1/top-5 and loss over the whole held-out validation set (``gather_for_metrics`` drops the padding).
+
+    ``on_device`` turns the loader's batches into the model's input (:class:`lcnn.recipe.DeviceBatch`).
+    """
     model.eval()
     totals, n = torch.zeros(3, dtype=torch.float64, device=accelerator.device), 0
     with torch.inference_mode():
         for images, targets in loader:
+            if on_device is not None:
+                images = on_device(images)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images).float()

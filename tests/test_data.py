@@ -277,8 +277,8 @@ def test_loader_bench_times_every_recipe(
     baseline = next(r for r in result["recipes"] if "baseline" in r["variants"])
     assert {"label_smoothing", "mixup_cutmix"} <= set(baseline["variants"])
     assert result["draft_short_side"] == math.ceil(32 / 0.875) and result["images"] == 4
-    assert all(r[f"{p}_images_per_s"] > 0 for r in result["recipes"] for p in ("today", "draft", "uint8"))
-    assert "uint8/today" in capsys.readouterr().out
+    assert all(r[f"{p}_images_per_s"] > 0 for r in result["recipes"] for p in ("float", "draft", "uint8"))
+    assert "uint8/float" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------- staging

@@ -131,11 +131,11 @@ def test_validation_covers_the_whole_set_like_one_process(whole):
     model = models.create(cfg["timm_name"], metrics["num_classes"], metrics["img_size"], "default")
     models.load_weights(model, whole["out"] / "model.safetensors")
     cfg["train"]["num_workers"] = 0
-    _, val_loader, _, _ = recipe.build_loaders(cfg, metrics["img_size"], 1)
-    assert len(val_loader.dataset) == 60
+    loaders = recipe.build_loaders(cfg, metrics["img_size"], 1)
+    assert len(loaders.val.dataset) == 60
     accelerator = Accelerator(cpu=True)
-    model, val_loader = accelerator.prepare(model, val_loader)
-    alone = train.evaluate(model, val_loader, torch.nn.CrossEntropyLoss(), accelerator, False)
+    model, val_loader = accelerator.prepare(model, loaders.val)
+    alone = train.evaluate(model, val_loader, torch.nn.CrossEntropyLoss(), accelerator, False, loaders.on_device)
     assert alone["top1"] == pytest.approx(metrics["top1"], abs=1e-9)
     assert alone["top5"] == pytest.approx(metrics["top5"], abs=1e-9)
     assert round(alone["top1"] * 60 / 100) == pytest.approx(alone["top1"] * 60 / 100)  # a count of 60 images

@@ -91,6 +91,29 @@ def test_configured_augmentations_apply_to_real_images(variant):
         assert train_tf(image).shape == (3, 32, 32)
 
 
+def test_prefetcher_batches_are_uint8_and_normalised_on_the_device_like_the_float_path():
+    """timm's prefetcher form: uint8 from the worker, then the same normalised input the float path makes."""
+    from PIL import Image
+
+    h = hp(re_prob=1.0)
+    float_train, float_eval = recipe.transforms(h, 32, "mobilevitv2_050")
+    uint8_train, uint8_eval = recipe.transforms(h, 32, "mobilevitv2_050", prefetcher=True)
+    assert RandomErasing not in [type(t) for t in uint8_train.transforms]  # erasing moved to the device
+    images = [Image.fromarray(torch.randint(0, 255, (40, 44, 3), dtype=torch.uint8).numpy()) for _ in range(4)]
+    batch = torch.stack([torch.as_tensor(uint8_eval(im)) for im in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 32, 32)
+    on_device = recipe.DeviceBatch("mobilevitv2_050", h["re_prob"], "cpu")
+    expected = torch.stack([float_eval(im) for im in images])
+    torch.testing.assert_close(on_device(batch.clone()), expected, rtol=0, atol=1e-5)
+    erased = on_device(batch.clone(), train=True)  # re_prob 1: every image gets a block of per-pixel noise
+    changed = (erased != expected).flatten(1).float().mean(1)
+    assert ((changed > 0.01) & (changed < 0.5)).all()
+    with pytest.raises(LcnnError, match="expects uint8 batches"):
+        on_device(expected)
+    passthrough = recipe.DeviceBatch("mobilevitv2_050", 1.0, "cpu", prefetcher=False)
+    assert passthrough(expected, train=True) is expected  # without the prefetcher the worker already normalised
+
+
 def run_cfg(data_root, out_dir, model="mobilevitv2_xs", variant="baseline", **train_over):
     cfg = tiny_config(data_root)
     rc = study.run_config(cfg, model, variant, 0)
@@ -108,11 +131,14 @@ def train_subprocess(rc):
 
 @pytest.mark.slow
 def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
-    """SIGUSR1 mid-epoch saves the full state and exits 75; the rerun ends exactly like an uninterrupted run."""
-    whole = run_cfg(built_data, tmp_path / "whole")
+    """SIGUSR1 mid-epoch saves the full state and exits 75; the rerun ends exactly like an uninterrupted run.
+
+    The variant erases on the device (``train.prefetcher``), from the process RNG the saved state restores.
+    """
+    whole = run_cfg(built_data, tmp_path / "whole", variant="random_erasing")
     assert train_subprocess(whole).wait(timeout=600) == 0
 
-    cut = run_cfg(built_data, tmp_path / "cut")
+    cut = run_cfg(built_data, tmp_path / "cut", variant="random_erasing")
     proc = train_subprocess(cut)
     for line in proc.stdout:
         if "epoch 1 step 3/" in line:
@@ -187,7 +213,7 @@ def test_step_loop_reads_the_device_only_at_its_checks(built_data, tmp_path, mon
     """
     rc = run_cfg(built_data, tmp_path, variant="mixup_cutmix", log_every=5, grad_clip=1.0, log_with=[])
     # SGD with momentum: AdamW and friends read their step count, which torch keeps on the host (not a device sync)
-    rc["hparams"].update(opt="sgd", momentum=0.9)
+    rc["hparams"].update(opt="sgd", momentum=0.9, re_prob=0.5)  # random erasing runs on the device too
     reads: list[int] = []
 
     def current_step() -> int | None:

@@ -15,12 +15,13 @@ batches. Files are read once before timing, and the clock is the process's CPU t
 
 Three paths are timed side by side for every transform:
 
-- ``today``: what the trainer runs (full JPEG decode, float32 normalised tensors made in the worker);
+- ``float``: the trainer with ``train.prefetcher: false`` (full JPEG decode, float32 normalised tensors made in the
+  worker), the path the trainer ran before the prefetcher became its default;
 - ``draft``: JPEG draft decoding at the smallest DCT scale that keeps the short side at least the eval resize
   (``img_size / crop_pct``); it gains only where the prepared ``short_side`` is twice that or more;
-- ``uint8``: timm's prefetcher form (``create_transform(use_prefetcher=True)``): the worker hands over uint8
-  tensors and normalisation (and random erasing) runs on the device, as timm's train.py does; fewer copies and no
-  float conversion on the CPU.
+- ``uint8``: what the trainer runs by default (``train.prefetcher: true``, timm's ``use_prefetcher``): the worker
+  hands over uint8 tensors and normalisation (and random erasing) runs on the device
+  (:class:`lcnn.recipe.DeviceBatch`), as timm's train.py does; fewer copies and no float maths on the CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import Any
 
 import torch
 from tabulate import tabulate
-from timm.data import create_transform
 from torch.utils.data import DataLoader, Subset
 
 from lcnn import config as study
@@ -60,18 +60,7 @@ def recipes(cfg: dict[str, Any]) -> dict[tuple, list[str]]:
 
 
 def _transform(hp: dict[str, Any], img_size: int, path: str) -> Any:
-    if path != "uint8":
-        return transforms(hp, img_size, TIMM_NAME)[0]
-    return create_transform(
-        img_size,
-        is_training=True,
-        use_prefetcher=True,  # uint8 tensors out; normalise and erase on the device
-        scale=tuple(hp["scale"]),
-        hflip=hp["hflip"],
-        color_jitter=hp["color_jitter"] or None,
-        auto_augment=hp["auto_augment"],
-        interpolation="bicubic",
-    )
+    return transforms(hp, img_size, TIMM_NAME, prefetcher=path == "uint8")[0]
 
 
 def rate(dataset: Any, batch_size: int, min_seconds: float) -> float:
@@ -96,7 +85,7 @@ def run(
     img_size: int = 224,
     num_images: int = 128,
     min_seconds: float = 3.0,
-    paths: tuple[str, ...] = ("today", "draft", "uint8"),
+    paths: tuple[str, ...] = ("float", "draft", "uint8"),
     repeats: int = 5,
 ) -> dict[str, Any]:
     """One row per distinct training transform: the variants that use it and each path's best images/s."""
@@ -165,23 +154,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=128, help="images sampled from train.csv")
     p.add_argument("--img-size", type=int, default=224, help="training crop size (the study trains at 224)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="CPU seconds each measurement runs at least")
-    p.add_argument("--paths", default="today,draft,uint8", help="comma-separated paths to time")
+    p.add_argument("--paths", default="float,draft,uint8", help="comma-separated paths to time")
     p.add_argument("--repeats", type=int, default=5, help="timings of each path (the best is reported)")
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
     paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
-    unknown = sorted(set(paths) - {"today", "draft", "uint8"})
+    unknown = sorted(set(paths) - {"float", "draft", "uint8"})
     if unknown:
-        raise LcnnError(f"--paths has {unknown[0]!r}; use today, draft and/or uint8")
+        raise LcnnError(f"--paths has {unknown[0]!r}; use float, draft and/or uint8")
     cfg = study.load(args.config)
     result = run(args.prepared_root, cfg, args.img_size, args.num_images, args.min_seconds, paths, args.repeats)
     table = [
         [", ".join(r["variants"]), *(r[f"{p}_images_per_s"] for p in paths)]
-        + ([round(r["uint8_images_per_s"] / r["today_images_per_s"], 2)] if {"today", "uint8"} <= set(paths) else [])
+        + ([round(r["uint8_images_per_s"] / r["float_images_per_s"], 2)] if {"float", "uint8"} <= set(paths) else [])
         for r in result["recipes"]
     ]
     headers = ["variants (same loader)", *(f"{p} img/s" for p in paths)]
-    headers += ["uint8/today"] if {"today", "uint8"} <= set(paths) else []
+    headers += ["uint8/float"] if {"float", "uint8"} <= set(paths) else []
     print(tabulate(table, headers=headers, maxcolwidths=[48]))
     w, h = result["mean_prepared_size"]
     print(
