@@ -7,7 +7,6 @@ Each study axis maps onto a timm factory: the optimizer onto ``create_optimizer_
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 from typing import Any, NamedTuple
@@ -71,19 +70,16 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def _loader_worker_init(_worker_id: int) -> None:
-    """Loader workers outlive the first stop signal, which SLURM and Ctrl-C also deliver to them.
+    """Loader workers ignore the stop signals, which SLURM, torchrun and Ctrl-C also deliver to them.
 
-    The trainer turns that signal into a saved state at its next check, while its loader still runs; a worker
-    that died by it would make the trainer fail before the state is saved. A second signal ends the worker.
+    The trainer turns the signal into a saved state at its next check, while its loader still runs; a worker that
+    died by it would make the trainer fail before the state is saved. A multi-GPU job's workers can get SIGTERM
+    twice (SLURM signals every process of the step, torchrun its workers' process groups), so they ignore it
+    outright. They still end with the trainer: the DataLoader shuts them down, and a worker whose trainer is gone
+    exits by itself (torch's watchdog); ``scancel``'s SIGKILL ends everything.
     """
     for sig in _STOP_SIGNALS:
-        signal.signal(sig, _worker_stop)
-
-
-def _worker_stop(signum: int, _frame: Any) -> None:
-    if getattr(_worker_stop, "seen", False):
-        os._exit(128 + signum)
-    _worker_stop.seen = True
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def normalization(timm_name: str) -> dict[str, Any]:

@@ -55,7 +55,10 @@ def is_oom(err: BaseException) -> bool:
     if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     msg = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+    # cuBLAS and cuDNN report a failed workspace allocation in their own words
+    return isinstance(err, RuntimeError) and any(
+        words in msg for words in ("out of memory", "can't allocate memory", "alloc_failed", "allocation failed")
+    )
 
 
 def free_memory(device: torch.device) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -126,23 +127,30 @@ def run_cfg(data_root, out_dir, model="mobilevitv2_xs", variant="baseline", **tr
 def train_subprocess(rc):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "lcnn.train", "--run-json", json.dumps(rc), "--out-dir", rc["out_dir"]]
-    return subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 @pytest.mark.slow
 def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     """SIGUSR1 mid-epoch saves the full state and exits 75; the rerun ends exactly like an uninterrupted run.
 
-    The variant erases on the device (``train.prefetcher``), from the process RNG the saved state restores.
+    The variant erases on the device (``train.prefetcher``), from the process RNG the saved state restores, and the
+    interrupted run loads through a worker (the uninterrupted one in-process): augmentation does not depend on it.
     """
     whole = run_cfg(built_data, tmp_path / "whole", variant="random_erasing")
     assert train_subprocess(whole).wait(timeout=600) == 0
 
-    cut = run_cfg(built_data, tmp_path / "cut", variant="random_erasing")
+    # a loader worker that must keep loading after the signal (the next check is 4 steps on, 1 batch prefetched),
+    # signalled twice, as SLURM and torchrun both signal a multi-GPU job's workers
+    cut = run_cfg(built_data, tmp_path / "cut", variant="random_erasing", num_workers=1, prefetch_factor=1, log_every=4)
     proc = train_subprocess(cut)
     for line in proc.stdout:
-        if "epoch 1 step 3/" in line:
-            proc.send_signal(signal.SIGUSR1)
+        if "epoch 1 step 4/" in line:
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(0.2)  # a second signal, not one coalesced with the first
+            os.killpg(proc.pid, signal.SIGUSR1)
             break
     proc.stdout.read()
     assert proc.wait(timeout=600) == train.EXIT_PREEMPTED
