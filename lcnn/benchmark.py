@@ -65,8 +65,8 @@ def precision_unsupported(precision: str, device: torch.device) -> str | None:
     """Why ``precision`` is not measured on ``device`` (None when it is)."""
     if precision == "fp16" and device.type == "cpu":
         return "fp16 is not benchmarked on the CPU (no fast fp16 kernels; bf16 is the CPU half precision)"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "this GPU does not support bf16"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "this GPU has no bf16 in hardware (only emulated)"
     return None
 
 

@@ -56,3 +56,23 @@ def resolve(setting: str, key: str) -> str:
             f"'import torch; print(torch.cuda.is_available())'`, or set {key}: cpu to run on the CPU on purpose"
         )
     return "cpu"
+
+
+def check_precision(precision: str, device: str, key: str) -> None:
+    """Stop, in one line, a mixed precision this device cannot run natively (``key`` names the setting).
+
+    ``torch.cuda.is_bf16_supported()`` says yes also where bf16 is only emulated (V100, T4, anything before Ampere):
+    a bf16 study there runs several times slower, or fails in a kernel hours in, without a word. This asks
+    without emulation.
+    """
+    if precision == "fp16" and device == "cpu":
+        raise LcnnError(f"{key} is fp16 but there is no GPU; use bf16 or no on the CPU")
+    if precision == "bf16" and device == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise LcnnError(
+                f"{key} is bf16 but the {torch.cuda.get_device_name()} has no bf16 in hardware (it would be emulated, "
+                "several times slower); use fp16 (with its grad scaler) on this card, or ask SLURM for an Ampere or "
+                "newer GPU (profiles/slurm: gpu_model)"
+            )

@@ -12,10 +12,12 @@ trainer receives them itself; the launcher only outlives them to report how the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # a trainer saves its state within this many seconds of SIGTERM (profiles/slurm signals 120 s before the limit);
 # torchrun waits this long before it SIGKILLs its workers
@@ -23,10 +25,31 @@ SHUTDOWN_TIMEOUT_S = 100
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+def torchrun_has_shutdown_timeout() -> bool:
+    """Whether this torch's torchrun takes ``--shutdown_timeout`` (recent releases only), read from its source.
+
+    An older torchrun rejects the flag and every multi-GPU job would fail at launch; without it, torchrun's own
+    grace before it kills its workers applies. Reading the file keeps this launcher free of ``import torch``.
+    """
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False
+    run_py = Path(spec.origin).parent / "distributed" / "run.py"
+    return run_py.is_file() and "--shutdown_timeout" in run_py.read_text()
+
+
 def command(nproc: int, train_args: list[str]) -> list[str]:
     """The trainer's command line for ``nproc`` processes on this node."""
     if nproc <= 1:
         return [sys.executable, "-m", "lcnn.train", *train_args]
+    grace = [f"--shutdown_timeout={SHUTDOWN_TIMEOUT_S}"] if torchrun_has_shutdown_timeout() else []
+    if not grace:
+        print(
+            "lcnn launch: this torch's torchrun has no --shutdown_timeout; on SIGTERM it may kill the trainers "
+            "before they save (newer torch releases have the flag)",
+            file=sys.stderr,
+            flush=True,
+        )
     return [
         sys.executable,
         "-m",
@@ -34,7 +57,7 @@ def command(nproc: int, train_args: list[str]) -> list[str]:
         "--standalone",
         "--nnodes=1",
         f"--nproc-per-node={nproc}",
-        f"--shutdown_timeout={SHUTDOWN_TIMEOUT_S}",
+        *grace,
         "-m",
         "lcnn.train",
         *train_args,

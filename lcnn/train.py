@@ -201,8 +201,7 @@ def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
     tcfg = cfg["train"]
     device = devices.resolve(tcfg.get("device", "auto"), "train.device")
     precision = tcfg.get("precision", "no")
-    if precision == "fp16" and device == "cpu":
-        raise LcnnError("train.precision is fp16 but there is no GPU; use bf16 or no on the CPU")
+    devices.check_precision(precision, device, "train.precision")
     if tcfg.get("deterministic"):  # bit-identical resume on a GPU, at some cost in speed
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: an op with no deterministic CUDA kernel (e.g. adaptive pooling's backward) warns, not crashes

@@ -81,3 +81,25 @@ def test_the_trainer_stops_in_one_line_naming_torch_and_the_driver(built_data, t
     assert line.startswith("lcnn error: this job was given GPUs (SLURM_GPUS_ON_NODE=1) but torch sees no GPU")
     assert "NVIDIA driver 535.104.05" in line
     assert not (tmp_path / "run").exists()  # stopped before writing anything
+
+
+@pytest.mark.parametrize(("native", "ok"), [(True, True), (False, False)])
+def test_bf16_on_a_gpu_without_it_in_hardware_stops_before_training(monkeypatch, native, ok):
+    """torch says a V100 'supports' bf16 by emulation; the check asks without it and names the card and the fix."""
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation  # what torch answers on a pre-Ampere card when native is False
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla V100-SXM2-32GB")
+    if ok:
+        devices.check_precision("bf16", "cuda", "train.precision")
+    else:
+        with pytest.raises(LcnnError, match="train.precision is bf16 but the Tesla V100.* no bf16 in hardware.*fp16"):
+            devices.check_precision("bf16", "cuda", "train.precision")
+    assert asked == [False]
+    devices.check_precision("bf16", "cpu", "train.precision")  # the CPU has bf16 kernels of its own
+    with pytest.raises(LcnnError, match="fp16 but there is no GPU"):
+        devices.check_precision("fp16", "cpu", "train.precision")

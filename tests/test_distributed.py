@@ -208,3 +208,15 @@ def test_launcher_command_is_explicit():
     assert multi[1:3] == ["-m", "torch.distributed.run"]
     assert {"--standalone", "--nnodes=1", "--nproc-per-node=4"} <= set(multi)  # one node, a free port
     assert multi[-3:] == ["-m", "lcnn.train", "--x"]
+
+
+def test_launcher_gives_torchrun_a_save_grace_only_where_torchrun_takes_it(monkeypatch, capsys):
+    """This torch's torchrun takes --shutdown_timeout (the SIGTERM test above uses it); an older one rejects it."""
+    import torch.distributed.run as torchrun
+
+    assert launch.torchrun_has_shutdown_timeout() == ("--shutdown_timeout" in Path(torchrun.__file__).read_text())
+    assert f"--shutdown_timeout={launch.SHUTDOWN_TIMEOUT_S}" in launch.command(2, ["--x"])
+    monkeypatch.setattr(launch, "torchrun_has_shutdown_timeout", lambda: False)
+    older = launch.command(2, ["--x"])
+    assert not any(a.startswith("--shutdown") for a in older) and older[-3:] == ["-m", "lcnn.train", "--x"]
+    assert "has no --shutdown_timeout" in capsys.readouterr().err
