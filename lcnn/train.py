@@ -71,7 +71,8 @@ class _StopSignal:
     """Remembers a stop signal while a run trains; the loop turns it into Accelerate's trigger at its next check.
 
     A context manager: the previous handlers come back when the run ends, so a process that called ``run()`` (a
-    tool, a test) and later forks workers does not leave them deaf to SIGTERM.
+    tool, a test) and later forks workers does not leave them deaf to SIGTERM. A run that stopped on a signal
+    ignores the stop signals from then on, while it exits.
     """
 
     def __init__(self) -> None:
@@ -84,7 +85,9 @@ class _StopSignal:
 
     def __exit__(self, *_exc: Any) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # a run that stopped on a signal is exiting 75: a late second signal (SLURM's after torchrun's) must
+            # not turn that into death by the signal
+            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum

@@ -142,14 +142,14 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     whole = run_cfg(built_data, tmp_path / "whole", variant="random_erasing")
     assert train_subprocess(whole).wait(timeout=600) == 0
 
-    # a loader worker that must keep loading after the signal (the next check is 4 steps on, 1 batch prefetched),
+    # a loader worker that must keep loading after the signal (the next check is 7 steps on, 1 batch prefetched),
     # signalled twice, as SLURM and torchrun both signal a multi-GPU job's workers
-    cut = run_cfg(built_data, tmp_path / "cut", variant="random_erasing", num_workers=1, prefetch_factor=1, log_every=4)
+    cut = run_cfg(built_data, tmp_path / "cut", variant="random_erasing", num_workers=1, prefetch_factor=1, log_every=8)
     proc = train_subprocess(cut)
     for line in proc.stdout:
-        if "epoch 1 step 4/" in line:
+        if "epoch 1 step 8/" in line:
             os.killpg(proc.pid, signal.SIGUSR1)
-            time.sleep(0.2)  # a second signal, not one coalesced with the first
+            time.sleep(0.05)  # a second signal, not one coalesced with the first
             os.killpg(proc.pid, signal.SIGUSR1)
             break
     proc.stdout.read()
