@@ -369,5 +369,6 @@ def test_int8_bench_goal_needs_a_faster_form_within_the_top1_drop():
 
     fast_ok = int8_bench.summary_row("m", result(1.0, -0.4), {"top1": 50.0}, 0.5)
     assert fast_ok["best_int8"] == "static" and fast_ok["static_speedup"] == 2.0 and fast_ok["goal_met"]
-    assert not int8_bench.summary_row("m", result(1.0, -1.0), {"top1": 50.0}, 0.5)["goal_met"]  # too much drop
+    too_far = int8_bench.summary_row("m", result(1.0, -1.0), {"top1": 50.0}, 0.5)  # the fastest moves top-1 too much
+    assert too_far["best_int8"] == "static_conv" and not too_far["goal_met"]  # the best accurate one is slower
     assert not int8_bench.summary_row("m", result(2.5, 0.0), {"top1": 50.0}, 0.5)["goal_met"]  # no form is faster

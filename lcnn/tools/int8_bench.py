@@ -95,7 +95,11 @@ def bench_model(cfg: dict[str, Any], model: str, weights: Path, num_classes: int
 
 
 def summary_row(model: str, result: dict[str, Any], metrics: dict[str, Any], max_drop: float) -> dict[str, Any]:
-    """One table row: p50 of each ORT form at batch 1, each int8 form's top-1 change, and the verdict."""
+    """One table row: p50 of each ORT form at batch 1, each int8 form's top-1 change, and the verdict.
+
+    The best int8 form is the fastest of those within ``max_drop`` points of top-1; the goal is met when it is
+    faster than fp32 ORT.
+    """
     checks = result["checks"]
     p50 = {r["form"]: r["latency_ms_p50"] for r in result["rows"] if r["engine"] == "onnxruntime"}
     status = {r["form"]: r["status"] for r in result["rows"] if r["engine"] == "onnxruntime"}
@@ -111,12 +115,13 @@ def summary_row(model: str, result: dict[str, Any], metrics: dict[str, Any], max
         row[f"{form}_p50_ms"] = p50.get(key) if status.get(key) == "ok" else None
         row[f"{form}_top1_change"] = checks.get(f"{key}_top1_change")
         row[f"{form}_speedup"] = row["fp32_p50_ms"] / row[f"{form}_p50_ms"] if row[f"{form}_p50_ms"] else None
-        if row[f"{form}_speedup"] and (best is None or row[f"{form}_speedup"] > row[f"{best}_speedup"]):
+        within = abs(row[f"{form}_top1_change"] or 0.0) <= max_drop  # a form that moves top-1 more is never best
+        if row[f"{form}_speedup"] and within and (best is None or row[f"{form}_speedup"] > row[f"{best}_speedup"]):
             best = form
     for form in FORMS:
         row[f"{form}_fp32_agreement"] = checks.get(f"onnx_int8_{form}_fp32_top1_agreement")
     row["best_int8"] = best
-    row["goal_met"] = bool(best and row[f"{best}_speedup"] > 1.0 and abs(row[f"{best}_top1_change"] or 0.0) <= max_drop)
+    row["goal_met"] = bool(best and row[f"{best}_speedup"] > 1.0)
     share = result["host_other_cpu_share"]
     row["other_cpu_pct"] = 100 * share if share is not None else None
     row["errors"] = "; ".join(f"{r['form']}: {r['error']}" for r in result["rows"] if r["status"] != "ok")
