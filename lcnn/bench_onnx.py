@@ -15,8 +15,8 @@ Why these choices:
   ORT fuses the QDQ pairs into integer kernels, which is what makes int8 faster. It needs a validation manifest.
   **static_conv**: the same with only Conv/MatMul/Gemm quantized, for models that quantizing every op breaks
   or slows (EfficientNetV2-S's SiLU and squeeze-excitation gates lost 59 top-1 points; ConvNeXt-T ran faster so).
-  **dynamic**: ``quantize_dynamic`` (int8 weights, activations quantized at run time); its convolutions become ConvInteger,
-  which ORT runs slowly, so on CNNs it is usually slower than fp32.
+  **dynamic**: ``quantize_dynamic`` (int8 weights, activations quantized at run time); its convolutions become
+  ConvInteger, which ORT runs slowly, so on CNNs it is usually slower than fp32.
 * int8 changes results, so it is judged by agreement, not by a tolerance: with a validation manifest, the top-1 of
   ORT fp32 and of each int8 form on the same ``val_limit`` images (``onnx_int8_<form>_top1_change``); without one,
   argmax agreement and max |diff| against ORT fp32 on random inputs. Non-finite outputs make the row "nan".
