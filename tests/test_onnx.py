@@ -21,8 +21,21 @@ STUDY_MODELS = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STUDY_MODELS))
 def test_onnx_export_matches_eager_at_224(name, tmp_path):
+    """Every study model exports to ONNX with outputs equal to eager PyTorch's (relative to the output's scale).
+
+    Its BatchNorm statistics are set from one batch first, as training sets them: a fresh EfficientNetV2-S with
+    unit running variances blows its activations up to ~1e5, where float rounding alone broke the tolerance for 3
+    of 6 seeds (so the test passed or failed with the RNG state earlier tests left).
+    """
     spec = STUDY_MODELS[name]
-    model = models.create(spec["timm"], 10, img_size=spec["img_size"]).eval()
+    torch.manual_seed(0)
+    model = models.create(spec["timm"], 10, img_size=spec["img_size"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = 1.0  # running statistics = this batch's
+    with torch.no_grad():
+        model.train()(timing.make_input(8, spec["img_size"], torch.device("cpu"), seed=1))
+    model.eval()
     fused = bench_checks.reparameterized(model)  # the deployment form: RepVGG's fused convs, TinyViT's conv-bn
     if name == "repvgg_a2":
         assert fused is not None
