@@ -259,10 +259,26 @@ def quantize(form: str, pre_path: Path, out: Path, calib: list[np.ndarray]) -> N
         )  # fmt: skip
 
 
-def int8_rows(fp32_path: Path, fp32_session, model: nn.Module, img_size: int, settings, probe, checks) -> list:
-    """One row per int8 form in ``settings['onnx_int8']``; each form's agreement with ORT fp32 goes in ``checks``."""
+def _pre_process(src: Path, dst: Path) -> None:
+    """ORT's quantization pre-processing, falling back to ONNX's own shape inference where ORT's symbolic one fails.
+
+    TinyViT's graph fails it ("Incomplete symbolic shape inference"), and ORT then dumps the model (~80 MB of
+    external data) into the current directory; running it from a temporary one keeps the user's folder clean.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = src.resolve(), dst.resolve()
+    with tempfile.TemporaryDirectory(prefix="lcnn_quant_") as scratch, contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(src), str(dst))
+        except Exception as err:
+            if "symbolic shape" not in str(err):
+                raise
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def int8_rows(fp32_path: Path, fp32_session, model: nn.Module, img_size: int, settings, probe, checks) -> list:
+    """One row per int8 form in ``settings['onnx_int8']``; each form's agreement with ORT fp32 goes in ``checks``."""
     rows = []
     try:
         data = Int8Data(model, img_size, settings)
@@ -270,12 +286,7 @@ def int8_rows(fp32_path: Path, fp32_session, model: nn.Module, img_size: int, se
         with _quiet():
             # ORT's recommended pre-processing (shape inference + graph optimization); without it weights that the
             # exporter left behind shared/folded nodes are not seen as initializers and quantization fails
-            try:
-                quant_pre_process(str(fp32_path), str(pre_path))
-            except Exception as err:  # TinyViT: "Incomplete symbolic shape inference"; ONNX's own inference suffices
-                if "symbolic shape" not in str(err):
-                    raise
-                quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=True)
+            _pre_process(fp32_path, pre_path)
         ref = data.logits(fp32_session)
     except Exception as err:
         error = error_text(err)
