@@ -11,6 +11,8 @@ import time
 
 import pytest
 import torch
+import yaml
+from conftest import REPO
 from torch import nn
 
 from lcnn import bench_checks, benchmark, config, models, timing
@@ -372,3 +374,13 @@ def test_int8_bench_goal_needs_a_faster_form_within_the_top1_drop():
     too_far = int8_bench.summary_row("m", result(1.0, -1.0), {"top1": 50.0}, 0.5)  # the fastest moves top-1 too much
     assert too_far["best_int8"] == "static_conv" and not too_far["goal_met"]  # the best accurate one is slower
     assert not int8_bench.summary_row("m", result(2.5, 0.0), {"top1": 50.0}, 0.5)["goal_met"]  # no form is faster
+
+
+def test_int8_bench_quantizes_the_studys_own_architectures(tmp_path):
+    """The demo trains smaller siblings of the largest models; the int8 figures must be of the deployed ones."""
+    from lcnn.tools import int8_bench
+
+    cfg = int8_bench.study_config(tmp_path, img_size=64, epochs=1, per_class=9, val_per_class=5)
+    study_models = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
+    assert {m: s["timm"] for m, s in cfg["models"].items()} == {m: s["timm"] for m, s in study_models.items()}
+    assert cfg["data"]["source"] == "builtin" and cfg["baseline"]["img_size"] == 64  # the rest is the demo's

@@ -30,6 +30,23 @@ def test_demo_keeps_the_studys_models_and_one_variant_per_axis_over_two_seeds():
     assert len(study.runs(demo)) == len(real["models"]) * (len(AXES) + 1) * len(demo["seeds"])
 
 
+def test_demo_models_are_the_studys_architectures_scaled_down():
+    """A demo model may be a smaller sibling (ConvNeXt-Atto for ConvNeXt-T), never another architecture."""
+    import timm
+    import torch
+
+    real, demo = load(["config.yaml"]), load(DEMO)
+    swapped = 0
+    for name, spec in real["models"].items():
+        own = demo["models"][name]["timm"]
+        with torch.device("meta"):
+            study_model, demo_model = timm.create_model(spec["timm"]), timm.create_model(own)
+        assert type(demo_model) is type(study_model), f"{name}: demo {own} is not a {spec['timm']}"
+        assert sum(p.numel() for p in demo_model.parameters()) <= sum(p.numel() for p in study_model.parameters())
+        swapped += own != spec["timm"]
+    assert swapped <= 4  # only the four models above 20M parameters are scaled down
+
+
 @pytest.mark.parametrize("names", [DEMO, SEARCH], ids=["demo", "search"])
 def test_every_selected_variant_changes_the_baseline_recipe(names):
     cfg = load(names)
