@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from lcnn.stats import bonferroni, mean_ci, pareto_mask, welch_gain
+from lcnn.stats import PERCENT, PERCENT_GAIN, bonferroni, mean_ci, pareto_mask, welch_gain
 
 
 def yn(flag: Any) -> str:
@@ -48,7 +48,7 @@ def accuracy_table(runs: pd.DataFrame, conf: float = 0.95, baseline: str = "base
             row = {"model": model, "variant": variant, "axis": grp["axis"].iloc[0], "n_runs": len(grp)}
             row |= {"n_ok": len(ok), "n_diverged": len(div), "diverged_seeds": " ".join(str(s) for s in div["seed"])}
             for metric in ("top1", "top5"):
-                st = mean_ci(ok[metric], conf)
+                st = mean_ci(ok[metric], conf, PERCENT)
                 row |= {f"{metric}_{k}": st[k] for k in ("mean", "std", "ci_lo", "ci_hi")}
             row["status"] = "ok" if len(ok) == len(grp) else ("diverged" if len(ok) == 0 else "partly diverged")
             rows.append(row)
@@ -74,8 +74,8 @@ def gains_table(
         for variant in variants:
             grp = sub[sub["variant"] == variant]
             ok = _ok(grp)
-            g = welch_gain(ok["top1"], base, conf)
-            gc = welch_gain(ok["top1"], base, bonferroni(conf, k))
+            g = welch_gain(ok["top1"], base, conf, PERCENT_GAIN)
+            gc = welch_gain(ok["top1"], base, bonferroni(conf, k), PERCENT_GAIN)
             if len(base) == 0:
                 note = f"no successful '{baseline}' run to compare with"
             elif len(ok) == 0:

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+PERCENT = (0.0, 100.0)  # where an accuracy in % can lie
+PERCENT_GAIN = (-100.0, 100.0)  # where a difference of two of them can lie
+
 
 def finite(values: Any) -> list[float]:
     """The finite numbers among ``values`` (None, NaN, inf and non-numbers are left out)."""
@@ -34,10 +37,12 @@ def t_quantile(p: float, df: float) -> float:
     return float(sps.t.ppf(p, df))
 
 
-def mean_ci(values: Any, confidence: float = 0.95) -> dict[str, float]:
+def mean_ci(values: Any, confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict[str, float]:
     """Mean, sample std (ddof=1) and the t confidence interval of the mean.
 
     With one value the std and CI are NaN (one seed says nothing about seed noise); with none, all are NaN.
+    ``bounds`` (e.g. ``PERCENT``) clips the interval to where the quantity can lie: the clipped interval still
+    holds the true mean whenever the t interval does, so its coverage is unchanged (``ci_half`` stays the t one).
     """
     xs = np.asarray(finite(values))
     n, nan = len(xs), math.nan
@@ -46,14 +51,24 @@ def mean_ci(values: Any, confidence: float = 0.95) -> dict[str, float]:
         return out
     std = float(xs.std(ddof=1))
     half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    return out | {"std": std, "ci_lo": out["mean"] - half, "ci_hi": out["mean"] + half, "ci_half": half}
+    lo, hi = _clip(out["mean"] - half, out["mean"] + half, bounds)
+    return out | {"std": std, "ci_lo": lo, "ci_hi": hi, "ci_half": half}
 
 
-def welch_gain(variant: Any, baseline: Any, confidence: float = 0.95) -> dict[str, Any]:
+def _clip(lo: float, hi: float, bounds: tuple[float, float] | None) -> tuple[float, float]:
+    if bounds is None:
+        return lo, hi
+    return min(max(lo, bounds[0]), bounds[1]), max(min(hi, bounds[1]), bounds[0])
+
+
+def welch_gain(
+    variant: Any, baseline: Any, confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """Gain ``mean(variant) - mean(baseline)`` with Welch's (unequal-variance) t interval, from SciPy.
 
     ``significant`` is True/False when the CI excludes/includes 0, and None when it cannot be computed (fewer
     than two finite values on a side). Zero spread on both sides gives a zero-width CI, where SciPy gives NaN.
+    ``bounds`` (e.g. ``PERCENT_GAIN``) clips the interval as in ``mean_ci``; significance is decided before.
     """
     a, b = finite(variant), finite(baseline)
     nan = math.nan
@@ -71,7 +86,9 @@ def welch_gain(variant: Any, baseline: Any, confidence: float = 0.95) -> dict[st
         res = sps.ttest_ind(a, b, equal_var=False)
         ci = res.confidence_interval(confidence)
         lo, hi, df = float(ci.low), float(ci.high), float(res.df)
-    return out | {"ci_lo": lo, "ci_hi": hi, "df": df, "significant": bool(lo > 0 or hi < 0)}
+    significant = bool(lo > 0 or hi < 0)
+    lo, hi = _clip(lo, hi, bounds)
+    return out | {"ci_lo": lo, "ci_hi": hi, "df": df, "significant": significant}
 
 
 def bonferroni(confidence: float, comparisons: int) -> float:

@@ -140,6 +140,17 @@ def test_mean_ci_by_hand() -> None:
     assert (st["ci_lo"], st["ci_hi"]) == pytest.approx((71.0 - half, 71.0 + half))
 
 
+def test_intervals_are_clipped_to_where_an_accuracy_can_lie() -> None:
+    """Two seeds far apart give a t interval past 100 %; clipped, it keeps its coverage and reads sensibly."""
+    raw, clipped = stats.mean_ci([92.0, 99.0]), stats.mean_ci([92.0, 99.0], bounds=stats.PERCENT)
+    assert raw["ci_hi"] > 100 and raw["ci_lo"] < 92.0
+    assert (clipped["ci_lo"], clipped["ci_hi"]) == (raw["ci_lo"], 100.0) and clipped["ci_half"] == raw["ci_half"]
+    raw_gain = stats.welch_gain([10.0, 60.0], [90.0, 91.0])
+    gain = stats.welch_gain([10.0, 60.0], [90.0, 91.0], bounds=stats.PERCENT_GAIN)
+    assert raw_gain["ci_lo"] < -100 and (gain["ci_lo"], gain["ci_hi"]) == (-100.0, 100.0) < (-100.0, raw_gain["ci_hi"])
+    assert gain["significant"] == raw_gain["significant"]  # decided on the t interval, before clipping
+
+
 def test_single_seed_has_no_ci() -> None:
     st = stats.mean_ci([65.0, float("nan"), None])
     assert st["n"] == 1 and st["mean"] == 65.0
