@@ -268,7 +268,11 @@ def test_loader_bench_times_every_recipe(
         "--repeats",
         "1",
     ]
+    import torch
+
+    threads = torch.get_num_threads()
     assert loader_bench.main([*argv, "--json", str(tmp_path / "b.json")]) == 0
+    assert torch.get_num_threads() == threads  # it times one thread, and gives the caller its own count back
     result = json.loads((tmp_path / "b.json").read_text())
     cfg = study.load("config.yaml")
     grouped = [name for row in result["recipes"] for name in row["variants"]]

@@ -63,11 +63,16 @@ def trained_model(built_data, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
 
     out = tmp_path_factory.mktemp("int8_run")
     run_cfg = study.run_config(tiny_config(built_data), "mobilevitv2_xs", "baseline", 0)
-    # a pinned recipe measured to learn these 120 digits (21.7 % top-1 after 8 epochs), whatever the demo's is
+    # a pinned recipe measured to learn these 120 digits (40.0 % top-1 after 16 epochs), whatever the demo's is
     recipe = {"opt": "sgd", "lr_base": 0.2, "momentum": 0.9, "weight_decay": 5e-5, "sched": "step", "warmup_epochs": 1}
-    recipe |= {"init": "default", "scale": [0.5, 1.0], "epochs": 8, "batch_size": 16, "decay_epochs": 8}
+    recipe |= {"init": "default", "scale": [0.5, 1.0], "epochs": 16, "batch_size": 16, "decay_epochs": 16}
     run_cfg["hparams"].update(recipe)
-    metrics = train.run({**run_cfg, "out_dir": str(out)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thread count changes float sums, which this short run amplifies: pin it
+    try:
+        metrics = train.run({**run_cfg, "out_dir": str(out)})
+    finally:
+        torch.set_num_threads(threads)
     assert metrics["status"] == "ok" and metrics["top1"] > 10.0  # better than chance over 10 digits
     model = models.create("mobilevitv2_050", metrics["num_classes"], img_size=metrics["img_size"])
     models.load_weights(model, out / "model.safetensors")
@@ -100,7 +105,8 @@ def test_int8_static_and_dynamic_on_a_trained_model_and_real_images(trained_mode
             and row["fp32_top1_agreement"] == checks[f"onnx_int8_{form}_fp32_top1_agreement"]
         )
     # a calibrated int8 model of a trained network predicts like fp32 on most real images (a broken calibration
-    # agrees on about one in ten); this weak 32 px model measured 0.775 and above on 40 images
+    # agrees on about one in ten); this 32 px model measured 0.925 on 40 images
+    # (trained 8 epochs it reached 15 or 20 % top-1, by the thread count earlier tests left, and fell below 0.7)
     assert rows[1]["fp32_top1_agreement"] >= 0.7, checks
 
 

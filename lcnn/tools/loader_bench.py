@@ -89,7 +89,23 @@ def run(
     repeats: int = 5,
 ) -> dict[str, Any]:
     """One row per distinct training transform: the variants that use it and each path's best images/s."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs with one thread
+    try:
+        return _run(prepared_root, cfg, img_size, num_images, min_seconds, paths, repeats)
+    finally:
+        torch.set_num_threads(previous)  # the caller's thread count (a test process goes on training)
+
+
+def _run(
+    prepared_root: Path,
+    cfg: dict[str, Any],
+    img_size: int,
+    num_images: int,
+    min_seconds: float,
+    paths: tuple[str, ...],
+    repeats: int,
+) -> dict[str, Any]:
     draft = math.ceil(img_size / CROP_PCT)
     probe = ManifestDataset(prepared_root / "train.csv")
     if not len(probe):
