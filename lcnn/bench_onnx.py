@@ -142,15 +142,11 @@ def eager_b1(model: nn.Module, deploy_form: str, img_size: int, settings: dict, 
         same = (row["form"], row["device"], row["precision"], row["channels_last"], row["batch_size"])
         if same == (deploy_form, "cpu", "fp32", False, 1) and row["threads"] == threads and row["status"] == "ok":
             return row["latency_ms_p50"], f"sweep row ({deploy_form}, {threads} threads)"
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with timing.torch_threads(threads):
         stats = timing.time_torch(
             model, device=torch.device("cpu"), precision="fp32", channels_last=False, batch=1,
             img_size=img_size, settings=settings, probe=probe,
         )  # fmt: skip
-    finally:
-        torch.set_num_threads(previous)
     return stats["latency_ms_p50"], f"timed here ({deploy_form}, {threads} threads, {stats['iters']} it)"
 
 

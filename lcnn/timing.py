@@ -39,6 +39,21 @@ REL_TOL = 1e-3  # max |diff| / max |reference output| accepted for an fp32 deplo
 SEED = 0
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then give the caller its own count back.
+
+    torch's thread count is process-wide, and it changes float sums: a caller that goes on training (a test
+    process) would otherwise train differently after the block.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)

@@ -67,12 +67,8 @@ def trained_model(built_data, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     recipe = {"opt": "sgd", "lr_base": 0.2, "momentum": 0.9, "weight_decay": 5e-5, "sched": "step", "warmup_epochs": 1}
     recipe |= {"init": "default", "scale": [0.5, 1.0], "epochs": 16, "batch_size": 16, "decay_epochs": 16}
     run_cfg["hparams"].update(recipe)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the thread count changes float sums, which this short run amplifies: pin it
-    try:
+    with timing.torch_threads(1):  # the thread count changes float sums, which this short run amplifies: pin it
         metrics = train.run({**run_cfg, "out_dir": str(out)})
-    finally:
-        torch.set_num_threads(threads)
     assert metrics["status"] == "ok" and metrics["top1"] > 10.0  # better than chance over 10 digits
     model = models.create("mobilevitv2_050", metrics["num_classes"], img_size=metrics["img_size"])
     models.load_weights(model, out / "model.safetensors")

@@ -46,9 +46,9 @@ def study_config(workdir: Path, img_size: int, epochs: int, per_class: int, val_
     The models stay the study's own: the demo's smaller siblings of the largest four would not say how the
     deployed architectures quantize."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    models = copy.deepcopy(cfg["models"])
-    _merge(cfg, yaml.safe_load(DEMO_OVERLAY.read_text()))
-    cfg["models"] = models
+    demo = yaml.safe_load(DEMO_OVERLAY.read_text())
+    demo.pop("models", None)
+    _merge(cfg, demo)
     data = {
         "root": str(workdir / f"data_{img_size}px_{per_class}_{val_per_class}"),  # one prepared set per draw
         "short_side": img_size,

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Subset
 from lcnn import config as study
 from lcnn.dataset import ManifestDataset
 from lcnn.recipe import SeededTransforms, transforms
+from lcnn.timing import torch_threads
 from lcnn.utils import LcnnError, atomic_write_json, cli, environment
 
 TRANSFORM_KEYS = ("scale", "hflip", "color_jitter", "auto_augment", "re_prob")
@@ -89,12 +90,8 @@ def run(
     repeats: int = 5,
 ) -> dict[str, Any]:
     """One row per distinct training transform: the variants that use it and each path's best images/s."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # a DataLoader worker runs with one thread
-    try:
+    with torch_threads(1):  # a DataLoader worker runs with one thread
         return _run(prepared_root, cfg, img_size, num_images, min_seconds, paths, repeats)
-    finally:
-        torch.set_num_threads(previous)  # the caller's thread count (a test process goes on training)
 
 
 def _run(
