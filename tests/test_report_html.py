@@ -126,13 +126,50 @@ def page(browser_paths: tuple[str, str], report_html: Path):
 def _click_text(driver, text: str) -> None:
     """Click the visible element whose own text is exactly ``text`` (menu entries are <li>, <span> or <a>)."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     def visible(d):
         hits = [e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']") if e.is_displayed()]
         return hits[0] if hits else False
 
-    WebDriverWait(driver, WAIT_S).until(visible, f"no visible '{text}' in the report").click()
+    _click(driver, visible, f"no visible '{text}' in the report")
+
+
+def _click(driver, find, message: str) -> None:
+    """Click what ``find(driver)`` returns once a real click lands on it, retrying until WAIT_S.
+
+    The report is a single-page app that lays its lists out in steps (and animates them, `transition-all`): on a
+    loaded machine the element can be found while another row still covers it (ElementClickInterceptedException)
+    or be re-rendered between finding and clicking (StaleElementReferenceException). Both mean "not yet", so the
+    click is retried on a freshly found element instead of failing at the first try or clicking blind with JS.
+    """
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def clicked(d):
+        element = find(d)
+        if not element:
+            return False
+        try:
+            d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+            element.click()
+        except (ElementClickInterceptedException, StaleElementReferenceException):
+            return False
+        return True
+
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(clicked, message)
+
+
+def _eye(label: str):
+    """A finder for the 'show' (eye) button of the result labelled ``label``, once it is displayed and enabled."""
+    from selenium.webdriver.common.by import By
+
+    xpath = f"//tr[td[normalize-space()='{label}']]//a[@iconname='eye']"
+
+    def find(d):
+        hits = [e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed() and e.is_enabled()]
+        return hits[0] if hits else False
+
+    return find
 
 
 def _open_table(driver, category: str, label: str) -> list[list[str]]:
@@ -144,9 +181,8 @@ def _open_table(driver, category: str, label: str) -> list[list[str]]:
     if not driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{category}']"):
         _click_text(driver, "Results")
     _click_text(driver, category)
-    eye = f"//tr[td[normalize-space()='{label}']]//a[@iconname='eye']"
+    _click(driver, _eye(label), f"no clickable '{label}' entry in {category}")
     wait = WebDriverWait(driver, WAIT_S)
-    wait.until(ec.element_to_be_clickable((By.XPATH, eye)), f"no '{label}' entry in {category}").click()
     wait.until(ec.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")), f"{label} was not shown")
     try:
         wait.until(ec.visibility_of_element_located((By.TAG_NAME, "table")), f"{label} shows no table")
@@ -191,7 +227,7 @@ def test_figures_category_shows_pareto(page, artifacts: Path) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     _click_text(page, "Figures")
-    page.find_element(By.XPATH, "//tr[td[normalize-space()='pareto']]//a[@iconname='eye']").click()
+    _click(page, _eye("pareto"), "no clickable 'pareto' entry in Figures")
 
     def decoded_png(d):
         imgs = d.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")
