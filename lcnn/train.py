@@ -163,7 +163,7 @@ def setup(cfg: dict[str, Any]) -> Job:
     )
     if tcfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    optimizer, lr = build_optimizer(model, hp, accelerator.num_processes)
+    optimizer, lr = build_optimizer(model, hp, accelerator.num_processes, fused=tcfg["fused_optimizer"])
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, loaders.train, loaders.val)
     steps = min(len(train_loader), tcfg.get("max_steps_per_epoch") or len(train_loader))
     epochs = hp["epochs"]  # the schedule always spans the full budget, also when this job stops earlier

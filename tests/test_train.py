@@ -38,6 +38,8 @@ def hp(**over):
 def test_optimizer_axis_picks_the_timm_optimizer(opt, cls):
     optimizer, lr = recipe.build_optimizer(create("mobilevitv2_050", 10), hp(opt=opt, lr_base=0.01), 1)
     assert type(optimizer) is cls
+    # torch's fused kernel where the optimizer has one; timm's own optimizers have none
+    assert bool(optimizer.defaults.get("fused")) is (opt in ("sgd", "adamw"))
     assert lr == pytest.approx(0.01 * 16 / 256)  # the tiny study trains at batch 16
 
 
@@ -212,16 +214,10 @@ def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_step_loop_reads_the_device_only_at_its_checks(built_data, tmp_path, monkeypatch):
-    """No host read (``item``, ``cpu``, ``bool``, ``float``, ...) between two checks, which come every log_every steps.
-
-    On a GPU each such read waits for the queued work; here every read the training step makes (forward, loss,
-    backward, clipping, optimizer, Mixup/CutMix, bookkeeping) is counted with the step it happened at. Reads inside
-    the data loader are the host's own work on host tensors (in loader workers on a cluster) and are not counted.
-    """
-    rc = run_cfg(built_data, tmp_path, variant="mixup_cutmix", log_every=5, grad_clip=1.0, log_with=[])
-    # SGD with momentum: AdamW and friends read their step count, which torch keeps on the host (not a device sync)
-    rc["hparams"].update(opt="sgd", momentum=0.9, re_prob=0.5)  # random erasing runs on the device too
+def host_reads(rc, monkeypatch) -> list[int]:
+    """Train ``rc`` and return the step of every host read (``item``, ``cpu``, ``bool``, ``float``, ...) the
+    training step made. Reads inside the data loader are the host's own work on host tensors (in loader workers on
+    a cluster) and are not counted."""
     reads: list[int] = []
 
     def current_step() -> int | None:
@@ -247,8 +243,27 @@ def test_step_loop_reads_the_device_only_at_its_checks(built_data, tmp_path, mon
     metrics = train.run(rc)
     monkeypatch.undo()
     assert metrics["status"] == "ok" and metrics["epochs_completed"] == 2
+    return reads
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_step_loop_reads_the_device_only_at_its_checks(built_data, tmp_path, monkeypatch, opt):
+    """No host read between two checks, which come every log_every steps: on a GPU each such read waits for the
+    queued work. Every read the training step makes (forward, loss, backward, clipping, optimizer, Mixup/CutMix,
+    bookkeeping) is counted with the step it happened at."""
+    rc = run_cfg(built_data, tmp_path, variant="mixup_cutmix", log_every=5, grad_clip=1.0, log_with=[])
+    rc["hparams"].update(opt=opt, momentum=0.9, re_prob=0.5)  # random erasing runs on the device too
+    reads = host_reads(rc, monkeypatch)
     assert reads, "no read counted: the probe is not looking where the loop runs"
     assert set(reads) == {5, 10, 15}  # 15 steps an epoch: the checks, and nowhere else
+
+
+def test_unfused_adamw_reads_its_step_count_every_step(built_data, tmp_path, monkeypatch):
+    """The probe above tells the two apart: torch's per-tensor AdamW reads each parameter's step count on the host
+    every step (the fused kernel keeps it on the device), which is why ``train.fused_optimizer`` is on."""
+    rc = run_cfg(built_data, tmp_path, log_every=5, log_with=[], fused_optimizer=False)
+    rc["hparams"].update(opt="adamw")
+    assert set(range(1, 15)) <= set(host_reads(rc, monkeypatch))  # every step, not only the checks
 
 
 @pytest.mark.slow
