@@ -61,15 +61,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(devices.resolve(name, "benchmark.device"))
 
 
-def precision_unsupported(precision: str, device: torch.device) -> str | None:
-    """Why ``precision`` is not measured on ``device`` (None when it is)."""
-    if precision == "fp16" and device.type == "cpu":
-        return "fp16 is not benchmarked on the CPU (no fast fp16 kernels; bf16 is the CPU half precision)"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return "this GPU has no bf16 in hardware (only emulated)"
-    return None
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -108,7 +99,7 @@ def sweep_form(
     """
     rows = []
     for precision in settings["precisions"]:
-        unsupported = precision_unsupported(precision, device)
+        unsupported = devices.precision_unsupported(precision, device.type)
         for cl in settings["channels_last"]:
             status, why = skip or (("unsupported", unsupported) if unsupported else (None, None))
             module: Callable = model

@@ -58,21 +58,34 @@ def resolve(setting: str, key: str) -> str:
     return "cpu"
 
 
-def check_precision(precision: str, device: str, key: str) -> None:
-    """Stop, in one line, a mixed precision this device cannot run natively (``key`` names the setting).
+def precision_unsupported(precision: str, device: str) -> str | None:
+    """Why ``device`` (``cpu`` or ``cuda``) cannot run ``precision`` natively; None when it can.
 
     ``torch.cuda.is_bf16_supported()`` says yes also where bf16 is only emulated (V100, T4, anything before Ampere):
     a bf16 study there runs several times slower, or fails in a kernel hours in, without a word. This asks
-    without emulation.
+    without emulation. The trainer stops on the reason (:func:`check_precision`); the benchmark records it.
     """
     if precision == "fp16" and device == "cpu":
-        raise LcnnError(f"{key} is fp16 but there is no GPU; use bf16 or no on the CPU")
+        return "there is no GPU, and the CPU has no fast fp16 kernels"
     if precision == "bf16" and device == "cuda":
         import torch
 
         if not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise LcnnError(
-                f"{key} is bf16 but the {torch.cuda.get_device_name()} has no bf16 in hardware (it would be emulated, "
-                "several times slower); use fp16 (with its grad scaler) on this card, or ask SLURM for an Ampere or "
-                "newer GPU (profiles/slurm: gpu_model)"
-            )
+            name = torch.cuda.get_device_name()
+            return f"the {name} has no bf16 in hardware (it would be emulated, several times slower)"
+    return None
+
+
+# what to do instead, by the precision a device cannot run
+_PRECISION_FIX = {
+    "fp16": "use bf16 (the CPU's half precision) or no on the CPU",
+    "bf16": "use fp16 (with its grad scaler) on this card, or ask SLURM for an Ampere or newer GPU (profiles/slurm: "
+    "gpu_model)",
+}
+
+
+def check_precision(precision: str, device: str, key: str) -> None:
+    """Stop, in one line, a mixed precision this device cannot run natively (``key`` names the setting)."""
+    why = precision_unsupported(precision, device)
+    if why:
+        raise LcnnError(f"{key} is {precision} but {why}; {_PRECISION_FIX[precision]}")

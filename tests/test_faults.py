@@ -252,7 +252,7 @@ def test_config_strings_reach_the_shell_quoted(tmp_path):
         ("batch_too_big", "batch_size 1000 x 1 devices exceeds the 120 training images"),
         pytest.param(
             "fp16_on_cpu",
-            "fp16 but there is no GPU; use bf16 or no",
+            "fp16 but there is no GPU, and the CPU has no fast fp16 kernels; use bf16",
             marks=pytest.mark.skipif(not NO_GPU, reason="needs a machine without a GPU"),
         ),
         pytest.param(

@@ -205,7 +205,7 @@ def test_divergent_variant_stops_early_and_says_so(built_data, tmp_path):
 
 
 def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
-    with pytest.raises(LcnnError, match="fp16 but there is no GPU; use bf16 or no"):
+    with pytest.raises(LcnnError, match="fp16 but there is no GPU, and the CPU has no fast fp16 kernels; use bf16"):
         train.run(run_cfg(built_data, tmp_path, precision="fp16"))
     rc = run_cfg(built_data, tmp_path)
     rc["hparams"]["batch_size"] = 1000
