@@ -136,13 +136,25 @@ def test_two_process_check_through_the_rules_launcher_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_check_sets_lcnn_benchmark_beside_timms_figures_on_the_cpu():
-    ctx = {"device": "cpu", "bench_batches": [1, 2], "bench_precision": "bf16", "bench_img_size": 32}
+    ctx = {"device": "cpu", "bench_batches": [1, 2], "bench_precision": "bf16", "bench_img_size": 32, "budget_s": 600}
     out = gpu_check.check_benchmark(ctx)
     assert out["status"] == "ok", out["reason"]
     assert len(out["published"]) == 2
     for row in out["published"]:
         assert row["batch_size"] == 2 and row["ratio"] == row["images_per_s"] / row["published_images_per_s"]
     assert {r["form"] for r in out["rows"] if r["model"] == "repvgg_a2"} == {"trained", "reparam"}
+
+
+def test_throughput_and_benchmark_checks_stop_at_their_budget():
+    """A part past its budget starts no further model and fails, naming what it skipped (the lent GPU's time is
+    short: the global deadline only stops new parts from starting)."""
+    ctx = {"device": "cpu", "budget_s": -1.0}
+    throughput = gpu_check.check_throughput(ctx)
+    assert throughput["status"] == "failed" and throughput["skipped"] == list(gpu_check.THROUGHPUT_MODELS)
+    assert throughput["reason"] == f"over budget: {', '.join(gpu_check.THROUGHPUT_MODELS)}" and not throughput["rows"]
+    bench = gpu_check.check_benchmark(ctx)
+    assert bench["status"] == "failed" and not bench["rows"]
+    assert bench["reason"] == "; ".join(f"{name}: skipped, over budget" for name in gpu_check.PUBLISHED)
 
 
 @pytest.mark.gpu
