@@ -132,3 +132,38 @@ def test_bf16_of_every_study_model_passes_the_logit_screen(name):
     agreement = reference.compare(model, "bf16", False, cpu)
     assert reference.verdict(agreement, "bf16") is None, agreement
     assert 0 < agreement["fp32_rel_diff"] < 1
+
+
+def test_pre_processing_falls_back_where_symbolic_shape_inference_fails(tmp_path, monkeypatch):
+    """TinyViT's graph makes ORT's symbolic shape inference fail ("Incomplete symbolic shape inference"): the
+    pre-processing then reruns with ONNX's own shape inference, from a scratch folder, so nothing lands in the
+    user's. Exporting TinyViT costs minutes, so the failure is injected into the first call of the real
+    ``quant_pre_process``; the retry is ORT's own and its output quantizes. Any other error is not swallowed."""
+    from onnxruntime.quantization import shape_inference
+
+    model = models.create("mobilenetv3_small_050", 10, img_size=32).eval()
+    fp32 = tmp_path / "model.onnx"
+    bench_onnx.export_onnx(model, 32, fp32)
+    real, calls = shape_inference.quant_pre_process, []
+
+    def first_fails(src, dst, *args, **kwargs):
+        calls.append(kwargs.get("skip_symbolic_shape", False))
+        if len(calls) == 1:
+            raise Exception("Incomplete symbolic shape inference")  # ORT raises a bare Exception with this text
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", first_fails)
+    monkeypatch.chdir(tmp_path)
+    bench_onnx._pre_process(fp32, tmp_path / "pre.onnx")
+    assert calls == [False, True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "pre.onnx"]
+    calib = [np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)]
+    bench_onnx.quantize("static", tmp_path / "pre.onnx", tmp_path / "int8.onnx", calib)
+    assert (tmp_path / "int8.onnx").stat().st_size > 0
+
+    def other_error(*_args, **_kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", other_error)
+    with pytest.raises(RuntimeError, match="disk full"):
+        bench_onnx._pre_process(fp32, tmp_path / "pre2.onnx")
