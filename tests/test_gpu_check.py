@@ -72,6 +72,7 @@ def test_training_check_trains_for_real_on_the_cpu():
     assert row["device"] == "cpu" and len(row["losses"]) == 3 and row["window"] == 1
     assert row["status"] == "ok" and row["finite"] and row["last_mean"] < row["first_mean"]
     assert not row["grad_scaler"]  # only fp16 has one
+    assert row["fused_optimizer"]  # the trainer's optimizer step: torch's fused AdamW
 
 
 def test_throughput_check_times_both_loops_on_the_cpu():
@@ -161,7 +162,7 @@ def test_throughput_and_benchmark_checks_stop_at_their_budget():
 @needs_gpu
 def test_fp16_training_uses_the_grad_scaler_and_learns():
     row = gpu_check.train_steps("mobilenetv3_large_100", device="cuda", precision="fp16", img_size=224, steps=20)
-    assert row["grad_scaler"] and row["status"] == "ok", row
+    assert row["grad_scaler"] and row["fused_optimizer"] and row["status"] == "ok", row
 
 
 @pytest.mark.gpu

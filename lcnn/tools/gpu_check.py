@@ -94,6 +94,7 @@ def train_steps(
         model = model.to(memory_format=torch.channels_last)
     hp = {"opt": "adamw", "lr_base": 1e-3, "lr_base_size": batch_size, "lr_scale": "none", "weight_decay": 0.0}
     optimizer, _ = recipe.build_optimizer(model, {**hp, "batch_size": batch_size, "momentum": 0.9}, 1)
+    fused = bool(optimizer.defaults.get("fused"))  # the trainer's default: fp16 overflow steps skipped on the device
     loss_fn, _ = recipe.build_loss({"mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0})
     model, optimizer = accelerator.prepare(model, optimizer)
     gen = torch.Generator().manual_seed(0)
@@ -128,6 +129,7 @@ def train_steps(
         "finite": finite,
         "falls": finite and last < first,
         "grad_scaler": scale0 is not None,
+        "fused_optimizer": fused,
     }
     if scale0 is not None:  # growth needs 2000 clean steps, so every halving here is one skipped (overflow) step
         result["skipped_steps"] = round(math.log2(scale0 / accelerator.scaler.get_scale()))
@@ -688,7 +690,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     parts = ["\n".join(head)]
     by_name = {c["name"]: c for c in result["checks"]}
     if by_name.get("train", {}).get("rows"):
-        cols = ["model", "precision", "status", "first_mean", "last_mean", "skipped_steps", "reason"]
+        cols = ["model", "precision", "status", "first_mean", "last_mean", "skipped_steps", "fused_optimizer", "reason"]
         done = [r for r in by_name["train"]["rows"] if "steps" in r] or [{}]
         head = f"## Training steps ({done[0].get('steps')} steps, {done[0].get('img_size')} px, one fixed batch)"
         parts.append(head + "\n\n" + _table(by_name["train"]["rows"], cols))
