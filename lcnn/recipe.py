@@ -234,8 +234,12 @@ def scaled_lr(hp: dict[str, Any], num_processes: int) -> float:
 
 
 def has_fused(opt: str) -> bool:
-    """Whether timm's optimizer ``opt`` is a torch optimizer with a fused kernel (AdamW, Adam, SGD; not LAMB)."""
-    return "fused" in inspect.signature(get_optimizer_class(opt, bind_defaults=False)).parameters
+    """Whether timm's optimizer ``opt`` is a torch optimizer with a fused kernel (AdamW, Adam, SGD; not LAMB).
+
+    A ``lookahead_`` prefix wraps the named optimizer, as in ``create_optimizer_v2``, so the last part decides.
+    """
+    inner = get_optimizer_class(opt.lower().split("_")[-1], bind_defaults=False)
+    return "fused" in inspect.signature(inner).parameters
 
 
 def build_optimizer(
