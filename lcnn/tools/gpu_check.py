@@ -144,12 +144,22 @@ def train_steps(
     return result
 
 
+def _over_budget(start: float, ctx: dict[str, Any]) -> bool:
+    """Whether the part that started at ``start`` has used its budget (the next model is then skipped)."""
+    return time.monotonic() - start > ctx["budget_s"]
+
+
+def _problems(*labelled: tuple[str, list[str]]) -> str:
+    """``"label: a, b; other: c"`` from (label, items) pairs, leaving out those with no items."""
+    return "; ".join(f"{label}: {', '.join(items)}" for label, items in labelled if items)
+
+
 def check_train(ctx: dict[str, Any]) -> dict[str, Any]:
     """Every configured model in bf16 and in fp16 (grad scaler); stops at the part's budget."""
     rows, start = [], time.monotonic()
     for precision in ctx["precisions"]:
         for name, spec in ctx["models"].items():
-            if time.monotonic() - start > ctx["budget_s"]:
+            if _over_budget(start, ctx):
                 rows.append({"model": spec["timm"], "precision": precision, "status": "skipped", "reason": "budget"})
                 continue
             try:
@@ -161,10 +171,7 @@ def check_train(ctx: dict[str, Any]) -> dict[str, Any]:
     failed = [f"{r['model']}/{r['precision']}" for r in rows if r["status"] == "failed"]
     skipped = [f"{r['model']}/{r['precision']}" for r in rows if r["status"] == "skipped"]
     status = "failed" if failed or skipped else "ok"
-    reason = "; ".join(
-        ([f"failed: {', '.join(failed)}"] if failed else [])
-        + ([f"over budget: {', '.join(skipped)}"] if skipped else [])
-    )
+    reason = _problems(("failed", failed), ("over budget", skipped))
     return {"status": status, "reason": reason or f"{len(rows)} runs: loss finite and falling", "rows": rows}
 
 
@@ -403,11 +410,6 @@ def train_throughput(
     }
 
 
-def _over_budget(start: float, ctx: dict[str, Any]) -> bool:
-    """Whether the part that started at ``start`` has used its budget (the next model is then skipped)."""
-    return time.monotonic() - start > ctx["budget_s"]
-
-
 def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
     """lcnn's training step against a bare loop, per model in THROUGHPUT_MODELS; stops at the part's budget."""
     rows, skipped, start = [], [], time.monotonic()
@@ -422,10 +424,7 @@ def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
             f"{rows[-1]['bare_images_per_s']:.0f} images/s = {rows[-1]['ratio']:.3f}"
         )
     low = [f"{r['model']} {r['ratio']:.3f}" for r in rows if r["ratio"] < THROUGHPUT_GOAL]
-    reason = "; ".join(
-        ([f"below the goal of {THROUGHPUT_GOAL}: {', '.join(low)}"] if low else [])
-        + ([f"over budget: {', '.join(skipped)}"] if skipped else [])
-    )
+    reason = _problems((f"below the goal of {THROUGHPUT_GOAL}", low), ("over budget", skipped))
     status = "failed" if low or skipped else "ok"
     return {"status": status, "reason": reason or f"all >= {THROUGHPUT_GOAL}", "rows": rows, "skipped": skipped}
 
