@@ -256,7 +256,25 @@ def build_optimizer(
     optimizer = create_optimizer_v2(
         model, opt=hp["opt"], lr=lr, weight_decay=hp["weight_decay"], momentum=hp["momentum"], **extra
     )
+    zero_fused_momentum(optimizer)
     return optimizer, lr
+
+
+def zero_fused_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Start fused SGD's momentum buffers at zero instead of leaving them to its first step.
+
+    torch's fused SGD creates them on its first step with ``empty_like`` and fills them inside the kernel, which
+    returns at once when the fp16 GradScaler flags an overflow (``found_inf``). A skipped first step, routine at the
+    scaler's initial scale of 65536, so leaves them holding whatever memory they were given, and every later step
+    adds that to the weights (a NaN or a 1e31 in a weight, with no error). With timm's ``dampening`` of 0 a zero
+    buffer gives the same first step (``buf = grad``).
+    """
+    if not isinstance(optimizer, torch.optim.SGD):  # timm's Lookahead is stepped unfused by GradScaler: no found_inf
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") and group["momentum"] and not group["dampening"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any], steps_per_epoch: int):

@@ -43,6 +43,35 @@ def test_optimizer_axis_picks_the_timm_optimizer(opt, cls):
     assert lr == pytest.approx(0.01 * 16 / 256)  # the tiny study trains at batch 16
 
 
+def test_fused_sgd_survives_a_grad_scaler_skipping_its_first_step():
+    """fp16's GradScaler skips an overflowed step by handing ``found_inf`` to the fused kernel. On a first step torch's
+    fused SGD has then already made its momentum buffers with ``empty_like``, and they stay unset (NaN, with
+    deterministic algorithms filling uninitialised memory): the next step would write that into the weights. The
+    real GradScaler (CPU) drives both optimizers; the fused one must end where unfused SGD does."""
+
+    def train_two_steps(fused: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4)
+        optimizer, _ = recipe.build_optimizer(model, hp(opt="sgd", lr_base=0.4, momentum=0.9), 1, fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        for scale_input in (1e38, 1.0):  # an overflowed step, then a normal one
+            optimizer.zero_grad()
+            scaler.scale(model(torch.full((8, 16), scale_input)).square().sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return model
+
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    try:
+        fused, plain = train_two_steps(True), train_two_steps(False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert torch.isfinite(fused.weight).all()
+    torch.testing.assert_close(fused.state_dict(), plain.state_dict())
+
+
 def test_lr_scales_with_the_global_batch():
     assert recipe.scaled_lr(hp(lr_base=0.1, batch_size=64), 4) == pytest.approx(0.1)
     assert recipe.scaled_lr(hp(lr_base=0.1, batch_size=64, lr_scale="sqrt"), 1) == pytest.approx(0.05)
