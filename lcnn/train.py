@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import math
 import os
 import signal
 import sys
@@ -46,6 +47,9 @@ from lcnn.utils import (
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# fp16: a GradScaler scale below this means even the unscaled gradients overflow, step after step, while the loss
+# stays finite and the skipped steps learn nothing (fairseq's --min-loss-scale default; its error reads the same)
+MIN_LOSS_SCALE = 1e-4
 
 
 class Progress:
@@ -133,9 +137,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         while job.progress.epoch < job.stop_at:
             diverged = train_epoch(job, stop)
             if diverged is not None:
-                job.accelerator.print(
-                    f"[{job.tag}] loss is not finite at epoch {diverged['epoch']} step {diverged['step']}: diverged"
+                where = f"at epoch {diverged['epoch']} step {diverged['step']}"
+                why = (
+                    f"the fp16 loss scale fell to {diverged['loss_scale']:.3g} {where}: every step overflows"
+                    if "loss_scale" in diverged
+                    else f"loss is not finite {where}"
                 )
+                job.accelerator.print(f"[{job.tag}] {why}: diverged")
                 break
             end_epoch(job)
     result = finish(job, diverged)
@@ -297,8 +305,17 @@ def announce(job: Job) -> None:
     )
 
 
-def train_epoch(job: Job, stop: _StopSignal) -> dict[str, int] | None:
-    """Train the current epoch from its current step; return where the loss diverged, or None.
+def loss_scale(scaler: torch.amp.GradScaler | None) -> float:
+    """The fp16 GradScaler's current scale (inf without one: bf16 and fp32 never skip a step).
+
+    A fused optimizer skips an overflowed step on the device, so nothing on the host sees the skips; the scale,
+    halved on each one, is what shows a run that has stopped learning. Read at the checks only (one host read)."""
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else math.inf
+
+
+def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
+    """Train the current epoch from its current step; return where the loss diverged (or, in fp16, where the loss
+    scale fell below MIN_LOSS_SCALE), or None.
 
     The loop queues work without waiting for it: losses add up on the device and the first non-finite step is
     kept there too; every ``log_every`` steps (and at the epoch's end) one gather reads them on the host, and
@@ -346,12 +363,16 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, int] | None:
         if prog.step % log_every and prog.step < job.steps:
             continue
         # the check: one gather and one trigger all-reduce per log_every steps, never per step
-        gathered = acc.gather(torch.stack([loss_sum, first_bad.to(torch.float64)])[None]).cpu()
+        scale = torch.tensor(loss_scale(acc.scaler), dtype=torch.float64, device=device)
+        gathered = acc.gather(torch.stack([loss_sum, first_bad.to(torch.float64), scale])[None]).cpu()
         totals["loss_sum"] = float(gathered[:, 0].mean())
         bad = [int(b) for b in gathered[:, 1] if b >= 0]
-        if bad:
+        scale = float(gathered[:, 2].min())  # every rank decides on the same values: none is left waiting
+        if bad or scale < MIN_LOSS_SCALE:
             prog.train_seconds += time.perf_counter() - t0
-            return {"epoch": epoch + 1, "step": min(bad)}
+            if bad:
+                return {"epoch": epoch + 1, "step": min(bad)}
+            return {"epoch": epoch + 1, "step": prog.step, "loss_scale": scale}
         running = totals["loss_sum"] / totals["n_loss"]
         lr = job.optimizer.param_groups[0]["lr"]
         acc.log({"train/loss": running, "train/lr": lr}, step=epoch * job.steps + prog.step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,6 +71,26 @@ def test_fused_sgd_survives_a_grad_scaler_skipping_its_first_step():
         torch.utils.deterministic.fill_uninitialized_memory = fill
     assert torch.isfinite(fused.weight).all()
     torch.testing.assert_close(fused.state_dict(), plain.state_dict())
+
+
+def test_a_grad_scaler_that_keeps_overflowing_counts_as_diverged():
+    """Steps that overflow even unscaled keep a finite loss while the scaler halves its scale and skips them all;
+    the check reads the scale (no scaler, as in bf16 and fp32: never). Driven through the real GradScaler."""
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    assert train.loss_scale(None) == math.inf and train.loss_scale(scaler) == 2.0**16
+    steps = 0
+    while train.loss_scale(scaler) >= train.MIN_LOSS_SCALE:
+        out = model(torch.ones(2, 4))
+        loss = out.sum() + (out * 0).sqrt().sum()  # finite, but sqrt's slope at 0 makes every gradient non-finite
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        steps += 1
+        assert torch.isfinite(loss) and steps < 100
+    assert steps == 30  # 65536 halved 30 times is 6.1e-5
 
 
 def test_lr_scales_with_the_global_batch():
