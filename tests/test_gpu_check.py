@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +115,32 @@ def test_oom_batch_needs_more_than_the_card():
     total, per_image = 80 * 2**30, 7.5 * 2**20
     batch = gpu_check.oom_batch(total, per_image)
     assert batch * per_image >= 1.2 * total and (batch - 1) * per_image < 1.2 * total
+
+
+def test_a_silent_child_and_its_children_cannot_outlive_the_budget(tmp_path):
+    """A trainer that hangs without a line (in CUDA's initialisation, say) and holds its output pipe open through a
+    child of its own (as torchrun's workers do) is waited for only until the deadline, then killed with its group."""
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    output = gpu_check._Output(proc)
+    child_pid = output.first(lambda line: int(line), time.monotonic() + 60)
+    assert output.first(lambda line: line, time.monotonic() + 1) is None  # nothing more: the deadline ends the wait
+    code, log = output.finish(timeout=1)
+    assert code == -9 and log.endswith("killed: over the part's budget")
+    for _ in range(50):  # the kill reached the grandchild too (its pid gone, or a zombie of the dead parent's)
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        stat = Path(f"/proc/{child_pid}/stat").read_text().split()
+        assert stat[2] == "Z", f"the trainer's child {child_pid} outlived the kill"
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ The checks, in order (budgets in :data:`BUDGETS_S`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -203,17 +205,57 @@ def _trainer(rc: dict, out: Path, launcher: list[str] | None = None) -> subproce
     """``python -m lcnn.train`` (or ``launcher`` followed by the trainer's arguments) on the run config ``rc``."""
     args = [*(launcher or [sys.executable, "-m", "lcnn.train"]), "--run-json", json.dumps(rc), "--out-dir", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own process group: a kill reaches torchrun's workers too, which would otherwise keep the GPUs and the pipe
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
         return -9, (out or "") + "\n[gpu_check] killed: over the part's budget"
     return proc.returncode, out or ""
+
+
+class _Output:
+    """A child's output, read on a thread: the caller waits for a line with a deadline, so a child that hangs
+    silently (in CUDA's initialisation, say) cannot block the check past its budget."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines, self._seen = proc, [], 0
+        self._reader = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self._reader.start()
+
+    def first(self, find: Callable[[str], Any], deadline: float) -> Any:
+        """The first non-None ``find(line)`` among the lines not yet looked at, or None once the output ends or the
+        deadline passes."""
+        while time.monotonic() < deadline:
+            ended = not self._reader.is_alive()
+            while self._seen < len(self.lines):
+                self._seen += 1
+                if (found := find(self.lines[self._seen - 1])) is not None:
+                    return found
+            if ended:
+                return None
+            time.sleep(0.1)
+        return None
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        """Wait for the child (killing its process group past ``timeout``); its exit status and whole output."""
+        note = ""
+        try:
+            code = self.proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            code, note = self.proc.wait(timeout=30), "\n[gpu_check] killed: over the part's budget"
+        self._reader.join(timeout=30)
+        return code, "".join(self.lines) + note
 
 
 def _weights_diff(a: Path, b: Path) -> float:
@@ -239,18 +281,17 @@ def check_resume(ctx: dict[str, Any], cut_after: int = 5) -> dict[str, Any]:
     code, log = _finish(_trainer(rc, work / "whole"), deadline - time.monotonic())
     if code != 0:
         return {"status": "failed", "reason": f"uninterrupted run exited {code}", "log_tail": log[-3000:]}
-    proc, signalled, seen = _trainer(rc, work / "cut"), None, []
-    for line in proc.stdout:
-        seen.append(line)
+
+    def step_reached(line: str) -> int | None:
         step = re.search(r"epoch 1 step (\d+)/", line)
-        if step and int(step[1]) >= cut_after:
-            proc.send_signal(signal.SIGTERM)
-            signalled = int(step[1])
-            break
-        if time.monotonic() > deadline:
-            break
-    code, log = _finish(proc, deadline - time.monotonic())
-    log = "".join(seen) + log
+        return int(step[1]) if step and int(step[1]) >= cut_after else None
+
+    proc = _trainer(rc, work / "cut")
+    output = _Output(proc)
+    signalled = output.first(step_reached, deadline)
+    if signalled is not None:
+        proc.send_signal(signal.SIGTERM)
+    code, log = output.finish(deadline - time.monotonic())
     if signalled is None or code != train.EXIT_PREEMPTED:
         why = "no 'epoch 1 step N/' progress line to interrupt at" if signalled is None else f"exited {code}"
         return {
@@ -510,7 +551,8 @@ def check_oom(ctx: dict[str, Any], timm_name: str = "convnext_tiny", headroom_gb
     from lcnn import models
 
     model = models.create(timm_name, 1000, 224).cuda().eval()
-    _peak_bytes(model, 16)  # warm-up: kernels chosen, workspaces allocated
+    for batch in (16, 32):  # warm-up at both shapes: cudnn.benchmark's autotuning workspaces are not activations
+        _peak_bytes(model, batch)
     per_image = max(_peak_bytes(model, 32) - _peak_bytes(model, 16), 1) / 16
     del model
     _free("cuda")
