@@ -284,7 +284,15 @@ def runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 # train settings that change the trained weights; the rest of `train:` (log_every, num_workers, keep_checkpoint,
 # channels_last, device) only changes how a job runs, so editing it never retrains anything
-RECIPE_TRAIN_KEYS = ("precision", "gpus_per_job", "grad_clip", "max_steps_per_epoch", "prefetcher", "fused_optimizer")
+RECIPE_TRAIN_KEYS = (
+    "precision",
+    "gpus_per_job",
+    "grad_clip",
+    "max_steps_per_epoch",
+    "prefetcher",
+    "fused_optimizer",
+    "precise_bn_batches",
+)
 
 
 def run_recipe(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict[str, Any]:

@@ -29,6 +29,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from lcnn import checkpoint, devices, models, tracking
@@ -423,6 +425,7 @@ def end_epoch(job: Job) -> None:
     prog = job.progress
     epoch, totals = prog.epoch, prog.epoch_acc
     t0 = time.perf_counter()
+    precise_bn(job)
     metrics = evaluate(
         job.model, job.val_loader, job.losses[1], job.accelerator, job.tcfg.get("channels_last"), job.on_device
     )
@@ -457,6 +460,36 @@ def end_epoch(job: Job) -> None:
     )
     if prog.epoch < job.epochs:
         save_state(job)
+
+
+def precise_bn(job: Job) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``train.precise_bn_batches`` training batches ("precise
+    BN", Wu and Johnson, *Rethinking "Batch" in BatchNorm*) with torch's ``swa_utils.update_bn``, before validating.
+
+    Running averages lag the weights: they start at mean 0 and variance 1 and forget at BatchNorm's momentum (0.1
+    per step), while a small-init network's activations are far smaller. On the built-in digits every model but
+    ConvNeXt validated at chance after 31 steps and at 85-97 % later in the same runs. Training normalises by the
+    batch, so the weights and the training itself are unchanged: only the buffers that validation (and the saved
+    model) use. The batches come from the training set under its own seeded sampler, drawn alike on every rank
+    (the ranks' buffers stay equal) and never from the process RNG, and loaded in this process.
+    """
+    batches = job.tcfg.get("precise_bn_batches", 0)
+    model = job.accelerator.unwrap_model(job.model)
+    if not batches or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    size = job.cfg["hparams"]["batch_size"]
+    generator = torch.Generator().manual_seed(job.cfg["seed"] * 100_003 + job.progress.epoch)
+    dataset = job.train_loader.dataset  # the training images under the training transform of this epoch
+    sampler = RandomSampler(dataset, num_samples=batches * size, generator=generator)
+    device, channels_last = job.accelerator.device, job.tcfg.get("channels_last")
+
+    def inputs():
+        for images, _ in DataLoader(dataset, batch_size=size, sampler=sampler):
+            images = job.on_device(images.to(device, non_blocking=True))
+            yield images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+    with torch.no_grad(), job.accelerator.autocast():
+        update_bn(inputs(), model)
 
 
 def evaluate(

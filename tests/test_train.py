@@ -184,6 +184,43 @@ def train_subprocess(rc):
     )
 
 
+def test_precise_bn_changes_only_the_statistics_validation_uses(built_data, tmp_path):
+    """The same run with and without precise BN: bit-identical weights (training normalises by the batch, and the
+    extra batches draw nothing from the process RNG), other BatchNorm running statistics."""
+    plain = run_cfg(built_data, tmp_path / "plain", log_with=[], max_steps_per_epoch=3)
+    precise = run_cfg(built_data, tmp_path / "precise", log_with=[], max_steps_per_epoch=3, precise_bn_batches=2)
+    for rc in (plain, precise):
+        assert train.run(rc)["status"] == "ok"
+    a, b = (load_file(f"{rc['out_dir']}/model.safetensors") for rc in (plain, precise))
+    model = create(plain["timm_name"], 10)
+    params = {name for name, _ in model.named_parameters()}
+    stats = {name for name, _ in model.named_buffers() if name.endswith(("running_mean", "running_var"))}
+    assert params and stats and a.keys() == b.keys() and params | stats <= set(a)
+    assert all(torch.equal(a[name], b[name]) for name in params)
+    assert not any(torch.equal(a[name], b[name]) for name in stats if "running_var" in name)
+
+
+def test_precise_bn_replaces_statistics_that_lag_the_weights(built_data, tmp_path):
+    """Running statistics as they stand early in a run (mean 0, variance 1: far from a small-init network's) make
+    every validation image look alike; re-estimated on training batches, they are the weights' own again."""
+    rc = run_cfg(built_data, tmp_path, log_with=[], precise_bn_batches=4)
+    job = train.setup(rc)
+    model = job.accelerator.unwrap_model(job.model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+    images = job.on_device(next(iter(job.val_loader))[0])
+    model.eval()
+    with torch.no_grad():
+        stale = model(images).std(dim=0).mean()
+        train.precise_bn(job)
+        fresh = model(images).std(dim=0).mean()
+    job.accelerator.end_training()
+    assert all(not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+    assert model.training is False and all(m.momentum == 0.1 for m in norms)  # update_bn restores both
+    assert fresh > 10 * stale, (fresh, stale)  # the logits vary with the image again (measured: 0.2 against 7e-13)
+
+
 @pytest.mark.slow
 def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     """SIGUSR1 mid-epoch saves the full state and exits 75; the rerun ends exactly like an uninterrupted run.
