@@ -470,8 +470,9 @@ def precise_bn(job: Job) -> None:
     per step), while a small-init network's activations are far smaller. On the built-in digits every model but
     ConvNeXt validated at chance after 31 steps, with almost every recipe, and most recipes reached 85-97 % by 9
     epochs. Training normalises by the batch, so the weights and the training itself are unchanged: only the
-    buffers that validation (and the saved model) use. The batches come from the training set under its own seeded sampler, drawn alike on every rank
-    (the ranks' buffers stay equal) and never from the process RNG, and loaded in this process.
+    buffers that validation (and the saved model) use. The batches come from the training set under its own
+    seeded sampler, drawn alike on every rank (the ranks' buffers stay equal) and never from the process RNG, and
+    loaded in this process.
     """
     batches = job.tcfg.get("precise_bn_batches", 0)
     model = job.accelerator.unwrap_model(job.model)
