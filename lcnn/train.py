@@ -489,7 +489,9 @@ def precise_bn(job: Job) -> None:
             images = job.on_device(images.to(device, non_blocking=True))
             yield images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
-    with torch.no_grad(), job.accelerator.autocast():
+    # drop-path and dropout still draw in train mode: the process RNG (which a saved state restores) is set back
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), job.accelerator.autocast():
         update_bn(inputs(), model)
 
 
