@@ -212,14 +212,8 @@ def _trainer(rc: dict, out: Path, launcher: list[str] | None = None) -> subproce
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=max(timeout, 1))
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-        return -9, (out or "") + "\n[gpu_check] killed: over the part's budget"
-    return proc.returncode, out or ""
+    """Wait for a trainer (its process group killed past ``timeout``); its exit status and whole output."""
+    return _Output(proc).finish(timeout)
 
 
 class _Output:
