@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 # a trainer saves its state within this many seconds of SIGTERM (profiles/slurm signals 120 s before the limit);
 # torchrun waits this long before it SIGKILLs its workers
 SHUTDOWN_TIMEOUT_S = 100
-_FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# SLURM's time limit and preemption (SIGTERM, SIGUSR1) and Ctrl-C: the trainer saves its state and exits
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
+# where each rank of a torchrun job notes that it saved its state and is exiting EXIT_PREEMPTED: torchrun itself
+# reports any worker's non-zero exit as 1, and the job should end as a one-process job does
+EXIT_DIR_ENV = "LCNN_EXIT_DIR"
 
 
 def torchrun_has_shutdown_timeout() -> bool:
@@ -64,14 +71,34 @@ def command(nproc: int, train_args: list[str]) -> list[str]:
     ]
 
 
+def preempted_ranks(exit_dir: Path) -> int:
+    """How many ranks noted in ``exit_dir`` that they saved their state and exited EXIT_PREEMPTED."""
+    return sum(p.read_text().strip() == str(EXIT_PREEMPTED) for p in exit_dir.glob("rank*.exit"))
+
+
+def note_preempted(rank: int) -> None:
+    """A trainer's rank notes, for the launcher, that it saved its state and exits EXIT_PREEMPTED."""
+    if exit_dir := os.environ.get(EXIT_DIR_ENV):
+        (Path(exit_dir) / f"rank{rank}.exit").write_text(f"{EXIT_PREEMPTED}\n")
+
+
 def run(cfg: dict) -> dict:
     """Run the trainer to its end; return its exit status and, when a signal ended it, the signal's name."""
     cmd = command(int(cfg["nproc"]), list(cfg["train_args"]))
-    for sig in _FORWARDED:  # the process group delivers it to the trainer; stay alive to report the outcome
+    for sig in STOP_SIGNALS:  # the process group delivers it to the trainer; stay alive to report the outcome
         signal.signal(sig, lambda *_: None)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd)
-    code = proc.wait()
+    with tempfile.TemporaryDirectory(prefix="lcnn-exit-") as exit_dir:
+        proc = subprocess.Popen(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
+        code = proc.wait()
+        if code > 0 and cfg["nproc"] > 1 and preempted_ranks(Path(exit_dir)) == int(cfg["nproc"]):
+            print(
+                f"lcnn launch: all {cfg['nproc']} trainers saved their state and exited {EXIT_PREEMPTED} (torchrun "
+                f"reported {code}); exiting {EXIT_PREEMPTED} so a retry resumes",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = EXIT_PREEMPTED
     result = {"returncode": code, "signal": None, "seconds": time.monotonic() - start}
     if code < 0:
         result["signal"] = signal.Signals(-code).name

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from lcnn import checkpoint, devices, models, tracking
 from lcnn.config import RECIPE_TRAIN_KEYS, merge_run
+from lcnn.launch import EXIT_PREEMPTED, STOP_SIGNALS, note_preempted
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
 from lcnn.utils import (
     LcnnError,
@@ -47,8 +48,6 @@ from lcnn.utils import (
     peak_rss_mb,
 )
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # fp16: a GradScaler scale below this means even the unscaled gradients overflow, step after step, while the loss
 # stays finite and the skipped steps learn nothing (fairseq's --min-loss-scale default; its error reads the same)
 MIN_LOSS_SCALE = 1e-4
@@ -405,6 +404,7 @@ def _save_and_exit(job: Job, stop: _StopSignal, elapsed: float) -> None:
         f"exiting {EXIT_PREEMPTED} so a retry resumes",
         flush=True,
     )
+    note_preempted(acc.process_index)
     sys.exit(EXIT_PREEMPTED)
 
 
