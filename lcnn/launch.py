@@ -26,37 +26,41 @@ from pathlib import Path
 SHUTDOWN_TIMEOUT_S = 100
 # SLURM's time limit and preemption (SIGTERM, SIGUSR1) and Ctrl-C: the trainer saves its state and exits
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# what torchrun forwards to its workers: its default four and SIGUSR1
+TORCHRUN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a SLURM requeue do
 # where each rank of a torchrun job notes that it saved its state and is exiting EXIT_PREEMPTED: torchrun itself
 # reports any worker's non-zero exit as 1, and the job should end as a one-process job does
 EXIT_DIR_ENV = "LCNN_EXIT_DIR"
 
 
-def torchrun_has_shutdown_timeout() -> bool:
-    """Whether this torch's torchrun takes ``--shutdown_timeout`` (recent releases only), read from its source.
+def torchrun_takes(flag: str) -> bool:
+    """Whether this torch's torchrun takes ``flag`` (``--shutdown_timeout`` and ``--signals-to-handle`` are recent),
+    read from its source.
 
-    An older torchrun rejects the flag and every multi-GPU job would fail at launch; without it, torchrun's own
-    grace before it kills its workers applies. Reading the file keeps this launcher free of ``import torch``.
+    An older torchrun rejects an unknown flag and every multi-GPU job would fail at launch. Reading the file keeps
+    this launcher free of ``import torch``.
     """
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
         return False
     run_py = Path(spec.origin).parent / "distributed" / "run.py"
-    return run_py.is_file() and "--shutdown_timeout" in run_py.read_text()
+    return run_py.is_file() and flag in run_py.read_text()
 
 
 def command(nproc: int, train_args: list[str]) -> list[str]:
     """The trainer's command line for ``nproc`` processes on this node."""
     if nproc <= 1:
         return [sys.executable, "-m", "lcnn.train", *train_args]
-    grace = [f"--shutdown_timeout={SHUTDOWN_TIMEOUT_S}"] if torchrun_has_shutdown_timeout() else []
-    if not grace:
-        print(
-            "lcnn launch: this torch's torchrun has no --shutdown_timeout; on SIGTERM it may kill the trainers "
-            "before they save (newer torch releases have the flag)",
-            file=sys.stderr,
-            flush=True,
-        )
+    flags = []
+    if torchrun_takes("--shutdown_timeout"):  # without it torchrun's own grace before it kills its workers applies
+        flags.append(f"--shutdown_timeout={SHUTDOWN_TIMEOUT_S}")
+    else:
+        _warn("no --shutdown_timeout; on SIGTERM it may kill the trainers before they save")
+    if torchrun_takes("--signals-to-handle"):  # by default torchrun dies at once of SIGUSR1, the trainers' other stop
+        flags.append("--signals-to-handle=" + ",".join(s.name for s in TORCHRUN_SIGNALS))
+    else:
+        _warn("no --signals-to-handle; SIGUSR1 ends it at once, so stop the job with SIGTERM")
     return [
         sys.executable,
         "-m",
@@ -64,11 +68,19 @@ def command(nproc: int, train_args: list[str]) -> list[str]:
         "--standalone",
         "--nnodes=1",
         f"--nproc-per-node={nproc}",
-        *grace,
+        *flags,
         "-m",
         "lcnn.train",
         *train_args,
     ]
+
+
+def _warn(what: str) -> None:
+    print(
+        f"lcnn launch: this torch's torchrun has {what} (newer torch releases have the flag)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def preempted_ranks(exit_dir: Path) -> int:

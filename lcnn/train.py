@@ -314,6 +314,38 @@ def loss_scale(scaler: torch.amp.GradScaler | None) -> float:
     return scaler.get_scale() if scaler is not None and scaler.is_enabled() else math.inf
 
 
+class StepTally:
+    """The training losses of an epoch, added up on the device: no step waits on the host to count its loss.
+
+    bf16 and fp32 (``scaled`` false): a non-finite loss is a divergence, and the first such step is kept. fp16 with
+    a GradScaler: a step whose forward overflowed is one the scaler skips (and halves its scale for), which is its
+    job, not a divergence; its loss is left out of the mean, and a run that keeps overflowing shows as a scale below
+    MIN_LOSS_SCALE instead (one overflow in an attention block must not end a run of hours).
+    """
+
+    def __init__(self, loss_sum: float, n_loss: float, step: int, device: torch.device, scaled: bool):
+        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        self.n_loss = torch.tensor(n_loss, dtype=torch.float64, device=device)
+        self.step = torch.tensor(step, device=device)
+        self.first_bad = torch.tensor(-1, device=device)
+        self.scaled = scaled
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.step += 1
+        finite = torch.isfinite(loss)
+        if self.scaled:
+            self.loss_sum += torch.where(finite, loss, 0.0)
+            self.n_loss += finite
+        else:
+            self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step, self.first_bad)
+            self.loss_sum += loss
+            self.n_loss += 1
+
+    def values(self) -> list[torch.Tensor]:
+        """Loss sum, counted steps and the first non-finite step (-1: none), for the check's one gather."""
+        return [self.loss_sum, self.n_loss, self.first_bad.to(torch.float64)]
+
+
 def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
     """Train the current epoch from its current step; return where the loss diverged (or, in fp16, where the loss
     scale fell below MIN_LOSS_SCALE), or None.
@@ -331,9 +363,7 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
     if not prog.step:
         prog.epoch_acc = Progress.fresh_acc()
     totals = prog.epoch_acc
-    loss_sum = torch.tensor(totals["loss_sum"], dtype=torch.float64, device=device)
-    step_dev = torch.tensor(prog.step, device=device)
-    first_bad = torch.tensor(-1, device=device)
+    tally = StepTally(totals["loss_sum"], totals["n_loss"], prog.step, device, scaled=loss_scale(acc.scaler) < math.inf)
     train_loss_fn, log_every, t0 = job.losses[0], tcfg.get("log_every", 50), time.perf_counter()
     # a progress bar on a terminal; plain lines in a log file
     interactive = acc.is_main_process and sys.stdout.isatty()
@@ -352,29 +382,25 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
             acc.clip_grad_norm_(job.model.parameters(), tcfg["grad_clip"])
         job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
-        loss = loss.detach()
-        step_dev += 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_dev, first_bad)
-        loss_sum += loss
+        tally.add(loss.detach())
         prog.step += 1
         totals["seen"] += images.shape[0] * acc.num_processes
-        totals["n_loss"] += 1
         if job.scheduler is not None:
             job.scheduler.step_update(epoch * job.steps + prog.step)
         if prog.step % log_every and prog.step < job.steps:
             continue
         # the check: one gather and one trigger all-reduce per log_every steps, never per step
         scale = torch.tensor(loss_scale(acc.scaler), dtype=torch.float64, device=device)
-        gathered = acc.gather(torch.stack([loss_sum, first_bad.to(torch.float64), scale])[None]).cpu()
-        totals["loss_sum"] = float(gathered[:, 0].mean())
-        bad = [int(b) for b in gathered[:, 1] if b >= 0]
-        scale = float(gathered[:, 2].min())  # every rank decides on the same values: none is left waiting
+        gathered = acc.gather(torch.stack([*tally.values(), scale])[None]).cpu()
+        totals["loss_sum"], totals["n_loss"] = float(gathered[:, 0].mean()), float(gathered[:, 1].mean())
+        bad = [int(b) for b in gathered[:, 2] if b >= 0]
+        scale = float(gathered[:, 3].min())  # every rank decides on the same values: none is left waiting
         if bad or scale < MIN_LOSS_SCALE:
             prog.train_seconds += time.perf_counter() - t0
             if bad:
                 return {"epoch": epoch + 1, "step": min(bad)}
             return {"epoch": epoch + 1, "step": prog.step, "loss_scale": scale}
-        running = totals["loss_sum"] / totals["n_loss"]
+        running = totals["loss_sum"] / totals["n_loss"] if totals["n_loss"] else math.nan
         lr = job.optimizer.param_groups[0]["lr"]
         acc.log({"train/loss": running, "train/lr": lr}, step=epoch * job.steps + prog.step)
         if bar.disable:
@@ -433,7 +459,7 @@ def end_epoch(job: Job) -> None:
     seconds = totals["seconds"]  # the whole epoch, also across a resume
     row = {
         "epoch": epoch + 1,
-        "train_loss": totals["loss_sum"] / max(totals["n_loss"], 1),
+        "train_loss": totals["loss_sum"] / totals["n_loss"] if totals["n_loss"] else math.nan,
         **metrics,
         "lr": job.optimizer.param_groups[0]["lr"],
         "images_per_s": totals["seen"] / seconds if seconds > 0 else float("nan"),

@@ -141,13 +141,15 @@ def test_validation_covers_the_whole_set_like_one_process(whole):
     assert round(alone["top1"] * 60 / 100) == pytest.approx(alone["top1"] * 60 / 100)  # a count of 60 images
 
 
-def test_sigterm_stops_every_rank_at_one_step_and_the_retry_ends_like_an_uninterrupted_run(whole, tmp_path, env):
+def test_sigusr1_stops_every_rank_at_one_step_and_the_retry_ends_like_an_uninterrupted_run(whole, tmp_path, env):
+    """SLURM's preemption signal (SIGUSR1 here; the next test sends SIGTERM) reaches the launcher, torchrun and both
+    trainers at once, as a job step's process group does: every rank saves, the job exits 75, the retry resumes."""
     cfg, out = whole["cfg"], tmp_path / "run"
     cmd = [sys.executable, "-m", "lcnn.launch", "--nproc", "2", "--", *train_args(cfg, out)]
     log = tmp_path / "log"
     proc = start(cmd, env, log, start_new_session=True)  # its own process group, signalled like SLURM does
     wait_until(lambda: "epoch 1 step 3/7" in log.read_text(), proc, log)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGUSR1)
     assert proc.wait(timeout=300) == launch.EXIT_PREEMPTED  # as a one-process job, though torchrun reports 1
     text = log.read_text()
     stops = [line for line in text.splitlines() if "saved state at epoch" in line]
@@ -210,13 +212,26 @@ def test_launcher_command_is_explicit():
     assert multi[-3:] == ["-m", "lcnn.train", "--x"]
 
 
-def test_launcher_gives_torchrun_a_save_grace_only_where_torchrun_takes_it(monkeypatch, capsys):
-    """This torch's torchrun takes --shutdown_timeout (the SIGTERM test above uses it); an older one rejects it."""
+def test_launcher_gives_torchrun_a_save_grace_and_sigusr1_only_where_torchrun_takes_them(monkeypatch, capsys):
+    """This torch's torchrun takes --shutdown_timeout (the SIGTERM test above uses it) and --signals-to-handle
+    (without it SIGUSR1 kills torchrun at once, and the trainers with it); an older one rejects both."""
     import torch.distributed.run as torchrun
 
-    assert launch.torchrun_has_shutdown_timeout() == ("--shutdown_timeout" in Path(torchrun.__file__).read_text())
-    assert f"--shutdown_timeout={launch.SHUTDOWN_TIMEOUT_S}" in launch.command(2, ["--x"])
-    monkeypatch.setattr(launch, "torchrun_has_shutdown_timeout", lambda: False)
+    source = Path(torchrun.__file__).read_text()
+    assert launch.torchrun_takes("--shutdown_timeout") == ("--shutdown_timeout" in source)
+    multi = launch.command(2, ["--x"])
+    assert f"--shutdown_timeout={launch.SHUTDOWN_TIMEOUT_S}" in multi
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in multi
+    parsed = torchrun.get_args_parser().parse_args(multi[3:])  # torchrun's own parser takes the line
+    assert (
+        parsed.signals_to_handle == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" and parsed.training_script == "lcnn.train"
+    )
+    monkeypatch.setattr(launch, "torchrun_takes", lambda flag: False)
     older = launch.command(2, ["--x"])
-    assert not any(a.startswith("--shutdown") for a in older) and older[-3:] == ["-m", "lcnn.train", "--x"]
-    assert "has no --shutdown_timeout" in capsys.readouterr().err
+    assert not any(a.startswith(("--shutdown", "--signals")) for a in older) and older[-3:] == [
+        "-m",
+        "lcnn.train",
+        "--x",
+    ]
+    err = capsys.readouterr().err
+    assert "has no --shutdown_timeout" in err and "has no --signals-to-handle" in err

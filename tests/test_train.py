@@ -93,6 +93,29 @@ def test_a_grad_scaler_that_keeps_overflowing_counts_as_diverged():
     assert steps == 30  # 65536 halved 30 times is 6.1e-5
 
 
+def test_one_overflowed_fp16_step_is_skipped_not_a_divergence():
+    """Under fp16 a step whose forward overflowed is one the GradScaler skips: the tally leaves its loss out of the
+    mean and keeps no divergence (the scale check catches a run that keeps overflowing). Without a scaler (bf16,
+    fp32) the same loss is a divergence at its step. A real GradScaler skips the step and keeps the weights."""
+    losses = [torch.tensor(2.0), torch.tensor(math.inf), torch.tensor(4.0)]
+    fp16, bf16 = (train.StepTally(0.0, 0, 10, torch.device("cpu"), scaled=s) for s in (True, False))
+    for loss in losses:
+        fp16.add(loss)
+        bf16.add(loss)
+    loss_sum, n_loss, first_bad = (float(v) for v in fp16.values())
+    assert (loss_sum, n_loss, first_bad) == (6.0, 2.0, -1.0)  # the mean of the finite losses: 3.0
+    assert float(bf16.values()[2]) == 12  # the 2nd step after step 10
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    scaler, before = torch.amp.GradScaler("cpu"), [p.clone() for p in model.parameters()]
+    scaler.scale(model(torch.full((2, 4), math.inf)).sum()).backward()  # the forward overflows
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert train.loss_scale(scaler) == 2.0**15 > train.MIN_LOSS_SCALE  # halved once: the run goes on
+
+
 def test_lr_scales_with_the_global_batch():
     assert recipe.scaled_lr(hp(lr_base=0.1, batch_size=64), 4) == pytest.approx(0.1)
     assert recipe.scaled_lr(hp(lr_base=0.1, batch_size=64, lr_scale="sqrt"), 1) == pytest.approx(0.05)
