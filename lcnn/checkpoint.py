@@ -88,6 +88,28 @@ def load(accelerator, folder: str | Path) -> None:
         ) from None
 
 
+def match_layouts(optimizer) -> int:
+    """Give every optimizer state tensor its parameter's memory layout again; return how many needed it.
+
+    ``load_state_dict`` casts the state to each parameter's dtype and device but keeps the strides it was saved
+    with. A state saved in NCHW and resumed with ``train.channels_last`` on (or the reverse) then breaks the fused
+    kernels: an error at the first step on a GPU, every retry again; silently wrong updates on the CPU.
+    """
+    import torch
+
+    changed = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_strided(
+                        param.shape, param.stride(), dtype=value.dtype, device=value.device
+                    ).copy_(value)
+                    changed += 1
+    return changed
+
+
 def move(run_dir: str | Path, dest_dir: str | Path) -> Path:
     """Move a run's state into ``dest_dir`` (a rename, so it is never half there)."""
     src = find(run_dir)

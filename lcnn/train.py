@@ -275,6 +275,7 @@ def resume(job: Job) -> None:
     meta = checkpoint.read_meta(folder)
     _check_state_fits(meta, job, folder)
     checkpoint.load(job.accelerator, folder)
+    checkpoint.match_layouts(job.optimizer)  # a state saved before train.channels_last was changed
     job.progress.load_state_dict(meta["progress"])
     if job.scheduler is not None:
         job.scheduler.load_state_dict(meta["scheduler"])

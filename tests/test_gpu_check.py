@@ -38,7 +38,7 @@ def result_dict() -> dict:
                 "driver_version": "570.86.15", "cuda_version": "12.8", "cudnn_version": 91000,
                 "packages": {"torch": "2.14.1", "timm": "1.0.31", "accelerate": "1.15.0"}},
         "checks": [
-            {"name": "train", "status": "ok", "seconds": 90.0, "budget_s": 150, "reason": "14 runs",
+            {"name": "train", "status": "ok", "seconds": 90.0, "budget_s": 240, "reason": "14 runs",
              "rows": [{"model": "convnext_tiny", "precision": "fp16", "status": "ok", "first_mean": 2.31,
                        "last_mean": 0.42, "skipped_steps": 1}]},
             {"name": "multi_gpu", "status": "skipped", "seconds": 0.0, "budget_s": 70, "reason": "1 GPU visible"},

@@ -93,6 +93,36 @@ def test_a_grad_scaler_that_keeps_overflowing_counts_as_diverged():
     assert steps == 30  # 65536 halved 30 times is 6.1e-5
 
 
+@pytest.mark.parametrize("saved_cl", [False, True])
+def test_a_state_saved_in_another_memory_format_resumes_to_the_same_update(saved_cl):
+    """Saved in NCHW and resumed with channels_last (or the reverse): the loaded momentum keeps the saved strides
+    unless :func:`checkpoint.match_layouts` gives it the parameter's; the fused SGD step must equal a plain one."""
+    fmt = torch.channels_last if saved_cl else torch.contiguous_format
+    other = torch.contiguous_format if saved_cl else torch.channels_last
+    x = torch.randn(2, 3, 8, 8)
+
+    def step(model, optimizer):
+        model(x.contiguous(memory_format=fmt)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    saved = torch.nn.Conv2d(3, 4, 3).to(memory_format=fmt)
+    saved_opt = torch.optim.SGD(saved.parameters(), lr=0.1, momentum=0.9, fused=True)
+    step(saved, saved_opt)
+    resumed = torch.nn.Conv2d(3, 4, 3)
+    resumed.load_state_dict(saved.state_dict())
+    resumed = resumed.to(memory_format=other)
+    optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9, fused=True)
+    optimizer.load_state_dict(saved_opt.state_dict())
+    assert optimizer.state[resumed.weight]["momentum_buffer"].stride() != resumed.weight.stride()  # what load left
+    assert checkpoint.match_layouts(optimizer) == 1  # the weight's buffer (the bias is 1-D)
+    assert checkpoint.match_layouts(optimizer) == 0
+    step(saved, saved_opt)
+    step(resumed, optimizer)
+    torch.testing.assert_close(resumed.weight.contiguous(), saved.weight.contiguous())
+
+
 def test_one_overflowed_fp16_step_is_skipped_not_a_divergence():
     """Under fp16 a step whose forward overflowed is one the GradScaler skips: the tally leaves its loss out of the
     mean and keeps no divergence (the scale check catches a run that keeps overflowing). Without a scaler (bf16,
