@@ -96,16 +96,17 @@ def note_preempted(rank: int) -> None:
 
 def run(cfg: dict) -> dict:
     """Run the trainer to its end; return its exit status and, when a signal ended it, the signal's name."""
-    cmd = command(int(cfg["nproc"]), list(cfg["train_args"]))
+    nproc = int(cfg["nproc"])
+    cmd = command(nproc, list(cfg["train_args"]))
     for sig in STOP_SIGNALS:  # the process group delivers it to the trainer; stay alive to report the outcome
         signal.signal(sig, lambda *_: None)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lcnn-exit-") as exit_dir:
         proc = subprocess.Popen(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
         code = proc.wait()
-        if code > 0 and cfg["nproc"] > 1 and preempted_ranks(Path(exit_dir)) == int(cfg["nproc"]):
+        if code > 0 and nproc > 1 and preempted_ranks(Path(exit_dir)) == nproc:
             print(
-                f"lcnn launch: all {cfg['nproc']} trainers saved their state and exited {EXIT_PREEMPTED} (torchrun "
+                f"lcnn launch: all {nproc} trainers saved their state and exited {EXIT_PREEMPTED} (torchrun "
                 f"reported {code}); exiting {EXIT_PREEMPTED} so a retry resumes",
                 file=sys.stderr,
                 flush=True,
