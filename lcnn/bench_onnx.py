@@ -13,8 +13,11 @@ Why these choices:
   channel, uint8 activations (U8S8, ORT's x86 choice: S8S8 ran MobileNetV3-L 7x slower on the CI machine), ranges
   calibrated (99.99th percentile) on up to CALIB_IMAGES validation images that are not among the evaluated ones;
   ORT fuses the QDQ pairs into integer kernels, which is what makes int8 faster. It needs a validation manifest.
+  Nodes that compute only from shapes and constants stay float (:func:`shape_only_nodes`): EfficientNetV2-S's
+  TF-"same" padding works out its pad amounts in float arithmetic on the input's size, and quantized to uint8
+  those amounts cost it 50-59 top-1 points (fp32 agreement 34 %); kept float, its static form is exact and fast.
   **static_conv**: the same with only Conv/MatMul/Gemm quantized, for models that quantizing every op breaks
-  or slows (EfficientNetV2-S's SiLU and squeeze-excitation gates lost 59 top-1 points; ConvNeXt-T ran faster so).
+  or slows (ConvNeXt-T ran faster so, and moved top-1 less).
   **dynamic**: ``quantize_dynamic`` (int8 weights, activations quantized at run time); its convolutions become
   ConvInteger, which ORT runs slowly, so on CNNs it is usually slower than fp32.
 * int8 changes results, so it is judged by agreement, not by a tolerance: with a validation manifest, the top-1 of
@@ -246,13 +249,32 @@ def quantize(form: str, pre_path: Path, out: Path, calib: list[np.ndarray]) -> N
             raise ValueError("static int8 needs validation images to calibrate on; pass --val-manifest")
         import onnx
 
-        name = onnx.load(str(pre_path), load_external_data=False).graph.input[0].name
+        graph = onnx.load(str(pre_path), load_external_data=False).graph
+        name = graph.input[0].name
         quantize_static(
             str(pre_path), str(out), _Calibration(name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": CALIB_PERCENTILE},
             op_types_to_quantize=STATIC_CONV_OPS if form == "static_conv" else None,
+            nodes_to_exclude=shape_only_nodes(graph),
         )  # fmt: skip
+
+
+def shape_only_nodes(graph) -> list[str]:
+    """Names of the nodes of ``graph`` whose every input derives from shapes and constants, not from the image.
+
+    Such nodes do arithmetic on sizes: TF-"same" padding (timm's ``tf_`` models) casts the input's height and width
+    to float and computes its pad amounts with Div, Ceil, Sub and Clip; reshapes build their targets from Shape.
+    ``quantize_static`` quantizes every float op it knows, these included, and calibrated uint8 cannot hold a pad
+    amount exactly, so the padding (and every layer after it) goes wrong without an error.
+    """
+    derived = {t.name for t in graph.initializer}
+    names = []
+    for node in graph.node:  # ONNX stores nodes in topological order
+        if node.op_type == "Shape" or all(not i or i in derived for i in node.input):
+            derived.update(node.output)
+            names.append(node.name)
+    return names
 
 
 def _pre_process(src: Path, dst: Path) -> None:

@@ -34,7 +34,8 @@ DEMO_OVERLAY = REPO / "profiles" / "demo" / "study.yaml"
 RECIPE = {
     "baseline": {"batch_size": 16, "opt": "adamw", "lr_base": 0.016, "weight_decay": 0.05, "sched": "cosine",
                  "warmup_epochs": 0, "init": "trunc_normal", "hflip": 0.0, "scale": [0.8, 1.0]},
-    "train": {"fused_optimizer": False},  # the per-tensor AdamW of then (the fused kernel rounds differently)
+    # the per-tensor AdamW of then (the fused kernel rounds differently), and no precise BN (the demo's came later)
+    "train": {"fused_optimizer": False, "precise_bn_batches": 0},
 }  # fmt: skip
 
 
@@ -79,7 +80,9 @@ def trained_weights(cfg: dict[str, Any], model: str, reuse_any: bool = False) ->
     metrics_path, config_path = out / "metrics.json", out / "config.json"
     if metrics_path.is_file() and config_path.is_file():
         saved = read_json(config_path)
-        same = saved.get("hparams") == run_cfg["hparams"] and saved.get("timm_name") == run_cfg["timm_name"]
+        same = all(saved.get(k) == run_cfg[k] for k in ("hparams", "timm_name")) and all(
+            saved.get("train", {}).get(k) == run_cfg["train"][k] for k in study.RECIPE_TRAIN_KEYS
+        )
         if same or reuse_any:
             print(f"[int8] {model}: reusing {out} ({'same' if same else 'its own recorded'} recipe)", file=sys.stderr)
             return out / "model.safetensors", {**read_json(metrics_path), "recipe": saved.get("hparams")}
