@@ -207,3 +207,29 @@ def test_static_int8_leaves_shape_arithmetic_in_float(tmp_path):
     ref = bench_onnx.run_session(bench_onnx.ort_session(tmp_path / "fp32.onnx", 1), images)
     out = bench_onnx.run_session(bench_onnx.ort_session(tmp_path / "int8.onnx", 1), images)
     assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_ort_forms_are_timed_in_interleaved_rounds(tmp_path):
+    """fp32 and int8 sessions are timed in turns (ORT_ROUNDS rounds), not one after another, so that a drift in the
+    host's speed reaches every form alike; each still gets its ``iters`` timed iterations."""
+    model = models.create("mobilenetv3_small_050", 10, img_size=32).eval()
+    bench_onnx.export_onnx(model, 32, tmp_path / "m.onnx")
+    calls: list[str] = []
+
+    class Recorded:
+        def __init__(self, name):
+            self.name, self.session = name, bench_onnx.ort_session(tmp_path / "m.onnx", 1)
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+        def run(self, *args):
+            calls.append(self.name)
+            return self.session.run(*args)
+
+    settings = {"iters": 10, "warmup": 1, "time_budget_s": None, "onnx_threads": 1}
+    pending = [(Recorded(n), bench_onnx._base(n, "fp32", settings)) for n in ("a", "b")]
+    rows = bench_onnx.time_ort(pending, 32, settings, timing.MemProbe(torch.device("cpu")))
+    assert [(r["form"], r["status"], r["iters"]) for r in rows] == [("a", "ok", 10), ("b", "ok", 10)]
+    turns = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert turns == ["a", "b"] * bench_onnx.ORT_ROUNDS
