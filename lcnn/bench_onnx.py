@@ -15,7 +15,8 @@ Why these choices:
   ORT fuses the QDQ pairs into integer kernels, which is what makes int8 faster. It needs a validation manifest.
   Nodes that compute only from shapes and constants stay float (:func:`shape_only_nodes`): EfficientNetV2-S's
   TF-"same" padding works out its pad amounts in float arithmetic on the input's size, and quantized to uint8
-  those amounts cost it 50-59 top-1 points (fp32 agreement 34 %); kept float, its static form is within 0.5 top-1 points and faster than fp32.
+  those amounts cost it 50-59 top-1 points (fp32 agreement 34 %); kept float, its static form is within 0.5
+  top-1 points and faster than fp32.
   **static_conv**: the same with only Conv/MatMul/Gemm quantized, for models that quantizing every op breaks
   or slows (ConvNeXt-T ran faster so, and moved top-1 less).
   **dynamic**: ``quantize_dynamic`` (int8 weights, activations quantized at run time); its convolutions become
