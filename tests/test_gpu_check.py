@@ -159,6 +159,43 @@ def test_resume_check_on_the_cpu(tmp_path):
     assert out["max_abs_diff"] == 0.0 and out["signalled_at_step"] >= 5
 
 
+def test_sync_check_passes_the_trainers_loop_and_catches_a_per_step_read(tmp_path):
+    """The sync check on the CPU, where it counts host reads (on a GPU, torch's sync debug mode adds every
+    synchronizing CUDA call): the study's loop reads only at its checks, every 5 steps and at the epoch's end;
+    torch's per-tensor AdamW, which reads its step count every step, fails it with the steps named."""
+    ctx = {"device": "cpu", "precisions": ["no"], "work": tmp_path, "config_path": REPO / "config.yaml",
+           "budget_s": 600}  # fmt: skip
+    out = gpu_check.check_syncs(ctx)
+    assert out["status"] == "ok", out
+    assert out["rows"][0]["sync_steps"] == [5, 10, 15]
+    unfused = gpu_check.check_syncs({**ctx, "sync_train": {"fused_optimizer": False}, "sync_hparams": {"opt": "adamw"}})
+    assert unfused["status"] == "failed" and "syncs at steps [1, 2, 3, 4, 6," in unfused["reason"], unfused
+
+
+def test_sync_check_traces_cuda_sync_warnings_to_their_step(tmp_path, monkeypatch):
+    """On a GPU a sync arrives as torch's warning ("called a synchronizing CUDA operation"), raised where the loop
+    made it. Here the loss tally raises that warning on every step, as a sync inside it would: the check names
+    the steps, and other warnings still reach the user."""
+    import warnings
+
+    from lcnn import train
+
+    add = train.StepTally.add
+
+    def syncing_add(self, *args, **kwargs):
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.StepTally, "add", syncing_add)
+    ctx = {"device": "cpu", "precisions": ["no"], "work": tmp_path, "config_path": REPO / "config.yaml",
+           "budget_s": 600}  # fmt: skip
+    out = gpu_check.check_syncs(ctx)
+    assert out["status"] == "failed" and out["rows"][0]["sync_steps"] == list(range(16)), out
+    with pytest.warns(UserWarning, match="another"), gpu_check.step_syncs(cuda=False) as steps:
+        warnings.warn("another warning", stacklevel=1)
+    assert steps == []
+
+
 @pytest.mark.slow
 def test_two_process_check_through_the_rules_launcher_on_the_cpu(tmp_path):
     """Two gloo ranks stand in for two GPUs: the same launcher, the same metrics the check reads."""

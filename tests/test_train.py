@@ -25,6 +25,7 @@ from timm.optim import Lamb, Lion, RMSpropTF
 from lcnn import checkpoint, recipe, train
 from lcnn import config as study
 from lcnn.models import create
+from lcnn.tools import gpu_check
 from lcnn.utils import LcnnError
 
 
@@ -355,57 +356,33 @@ def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
         train.run(rc)
 
 
-@pytest.mark.slow
-def host_reads(rc, monkeypatch) -> list[int]:
+def host_reads(rc) -> list[int]:
     """Train ``rc`` and return the step of every host read (``item``, ``cpu``, ``bool``, ``float``, ...) the
-    training step made. Reads inside the data loader are the host's own work on host tensors (in loader workers on
-    a cluster) and are not counted."""
-    reads: list[int] = []
-
-    def current_step() -> int | None:
-        frame = sys._getframe(2)
-        while frame is not None:
-            if "torch/utils/data/" in frame.f_code.co_filename:
-                return None
-            if frame.f_code is train.train_epoch.__code__:
-                return frame.f_locals["prog"].step
-            frame = frame.f_back
-        return None
-
-    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            step = current_step()
-            if step is not None:
-                reads.append(step)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    metrics = train.run(rc)
-    monkeypatch.undo()
+    training step made, with the GPU check's own probe (reads inside the data loader are not counted)."""
+    with gpu_check.step_syncs(cuda=False) as reads:
+        metrics = train.run(rc)
     assert metrics["status"] == "ok" and metrics["epochs_completed"] == 2
     return reads
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
-def test_step_loop_reads_the_device_only_at_its_checks(built_data, tmp_path, monkeypatch, opt):
+def test_step_loop_reads_the_device_only_at_its_checks(built_data, tmp_path, opt):
     """No host read between two checks, which come every log_every steps: on a GPU each such read waits for the
     queued work. Every read the training step makes (forward, loss, backward, clipping, optimizer, Mixup/CutMix,
     bookkeeping) is counted with the step it happened at."""
     rc = run_cfg(built_data, tmp_path, variant="mixup_cutmix", log_every=5, grad_clip=1.0, log_with=[])
     rc["hparams"].update(opt=opt, momentum=0.9, re_prob=0.5)  # random erasing runs on the device too
-    reads = host_reads(rc, monkeypatch)
+    reads = host_reads(rc)
     assert reads, "no read counted: the probe is not looking where the loop runs"
     assert set(reads) == {5, 10, 15}  # 15 steps an epoch: the checks, and nowhere else
 
 
-def test_unfused_adamw_reads_its_step_count_every_step(built_data, tmp_path, monkeypatch):
+def test_unfused_adamw_reads_its_step_count_every_step(built_data, tmp_path):
     """The probe above tells the two apart: torch's per-tensor AdamW reads each parameter's step count on the host
     every step (the fused kernel keeps it on the device), which is why ``train.fused_optimizer`` is on."""
     rc = run_cfg(built_data, tmp_path, log_every=5, log_with=[], fused_optimizer=False)
     rc["hparams"].update(opt="adamw")
-    assert set(range(1, 15)) <= set(host_reads(rc, monkeypatch))  # every step, not only the checks
+    assert set(range(1, 15)) <= set(host_reads(rc))  # every step, not only the checks
 
 
 @pytest.mark.slow

@@ -15,6 +15,9 @@ The checks, in order (budgets in :data:`BUDGETS_S`):
 * ``resume``: an fp16 run (MobileNetV3-L, 64 px, built-in data) is sent SIGTERM mid-epoch through
   ``python -m lcnn.train``, rerun, and its weights compared with an uninterrupted run's.
 * ``multi_gpu``: with two or more GPUs, the same run through the train rule's launcher, ``lcnn.launch --nproc 2``.
+* ``syncs``: lcnn.train's own loop (MobileNetV3-L, 64 px, built-in data, loader workers, ``log_every`` 5) in fp16
+  and bf16, under ``torch.cuda.set_sync_debug_mode("warn")``: every synchronizing CUDA call and every host read of
+  a tensor is recorded with its step, and they must come only at the ``log_every`` checks and the epoch's end.
 * ``throughput``: training images/s at batch 128, bf16, channels_last, lcnn's step against a bare PyTorch loop.
 * ``benchmark``: lcnn.benchmark's fp16 sweep (batch 1 to 512, CUDA events) beside timm's published figures.
 * ``oom``: a batch too large for the card is recorded as ``oom`` and the sweep goes on.
@@ -34,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 450.0  # the whole check stops starting new work here (the issue's limit is 8 minutes)
-BUDGETS_S = {"train": 240, "resume": 110, "multi_gpu": 70, "throughput": 50, "benchmark": 70, "oom": 40}
+BUDGETS_S = {"train": 240, "resume": 110, "multi_gpu": 70, "syncs": 40, "throughput": 50, "benchmark": 70, "oom": 40}
 THROUGHPUT_GOAL = 0.95  # lcnn's step against a bare PyTorch loop
 THROUGHPUT_MODELS = ("mobilenetv3_large_100", "convnext_tiny")
 BENCH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -354,6 +357,108 @@ def check_multi_gpu(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- throughput
+# ------------------------------------------------------------------------------------------------ host syncs
+HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")  # Tensor methods
+
+
+def _loop_step() -> int | None:
+    """``prog.step`` of the lcnn.train.train_epoch frame that the current call runs under; None outside the loop
+    and inside the data loader (whose reads are the host's own work on host tensors, in workers on a cluster)."""
+    from lcnn import train
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "torch/utils/data/" in frame.f_code.co_filename:
+            return None
+        if frame.f_code is train.train_epoch.__code__:
+            return frame.f_locals["prog"].step
+        frame = frame.f_back
+    return None
+
+
+@contextlib.contextmanager
+def step_syncs(cuda: bool) -> Iterator[list[int]]:
+    """Within the block, the step of lcnn.train's loop at every host read of a tensor (``item``, ``cpu``, ``bool``,
+    ...) and, with ``cuda``, at every synchronizing CUDA call that ``torch.cuda.set_sync_debug_mode("warn")``
+    reports (a non-blocking copy from pageable memory, a stream sync inside a kernel wrapper). On a GPU each one
+    waits for the queued work."""
+    import warnings
+
+    import torch
+
+    steps: list[int] = []
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            if (step := _loop_step()) is not None:
+                steps.append(step)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    shown = warnings.showwarning
+
+    def on_warning(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" not in str(message):
+            shown(message, category, filename, lineno, file, line)  # any other warning is shown as usual
+        elif (step := _loop_step()) is not None:
+            steps.append(step)
+
+    try:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, counted(original))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("always", message=".*synchronizing CUDA operation")  # each one, not the first
+            warnings.showwarning = on_warning
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield steps
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def check_syncs(ctx: dict[str, Any], log_every: int = 5) -> dict[str, Any]:
+    """lcnn.train's loop may wait for the GPU only at its checks: every ``log_every`` steps and at the epoch's end.
+
+    One epoch of 15 steps per precision (MobileNetV3-L, 64 px, built-in data, batch 8), in this process so that
+    each sync is traced to its step. Step 0 is the set-up before the first step.
+    """
+    from lcnn import data, train
+
+    cuda = ctx["device"] == "cuda"
+    work = ctx["work"] / "syncs"
+    cfg = study_config(work, ctx["config_path"])
+    data.run(cfg["data"])
+    rows, start = [], time.monotonic()
+    for precision in ctx["precisions"]:
+        if _over_budget(start, ctx):
+            rows.append({"precision": precision, "status": "skipped", "reason": "over budget"})
+            continue
+        rc = run_json(cfg, device=ctx["device"], precision=precision, epochs=1)
+        rc["train"].update(log_every=log_every, num_workers=2 if cuda else 0, log_with=[], deterministic=False)
+        rc["train"].update(ctx.get("sync_train", {}))  # (tests) another recipe
+        rc["hparams"].update(ctx.get("sync_hparams", {}))
+        with step_syncs(cuda) as steps:
+            metrics = train.run({**rc, "out_dir": str(work / precision)})
+        last = metrics["train_images"] // rc["hparams"]["batch_size"]  # the epoch's end: validation, state
+        allowed = {s for s in steps if s % log_every == 0 or s == last}
+        extra = sorted(set(steps) - allowed)
+        ok = metrics["status"] == "ok" and not extra
+        why = "" if ok else f"syncs at steps {extra}" if extra else f"run {metrics['status']}"
+        rows.append({"precision": precision, "status": "ok" if ok else "failed", "sync_steps": sorted(set(steps)),
+                     "syncs": len(steps), "reason": why})  # fmt: skip
+        _free(ctx["device"])
+    bad = [f"{r['precision']}: {r['reason']}" for r in rows if r["status"] != "ok"]
+    status = "failed" if bad else "ok"
+    return {"status": status, "reason": "; ".join(bad) or f"syncs only every {log_every} steps", "rows": rows}
+
+
 def train_throughput(
     timm_name: str, *, device: str = "cuda", batch_size: int = 128, img_size: int = 224, steps: int = 30,
     warmup: int = 10, repeats: int = 2, config_path: Path = REPO / "config.yaml",
@@ -602,6 +707,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "train": check_train,
     "resume": check_resume,
     "multi_gpu": check_multi_gpu,
+    "syncs": check_syncs,
     "throughput": check_throughput,
     "benchmark": check_benchmark,
     "oom": check_oom,
@@ -744,6 +850,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         done = [r for r in by_name["train"]["rows"] if "steps" in r] or [{}]
         head = f"## Training steps ({done[0].get('steps')} steps, {done[0].get('img_size')} px, one fixed batch)"
         parts.append(head + "\n\n" + _table(by_name["train"]["rows"], cols))
+    if by_name.get("syncs", {}).get("rows"):
+        cols = ["precision", "status", "sync_steps", "syncs", "reason"]
+        parts.append("## Host syncs in the training loop (log_every 5)\n\n" + _table(by_name["syncs"]["rows"], cols))
     if by_name.get("throughput", {}).get("rows"):
         cols = ["model", "batch_size", "lcnn_images_per_s", "bare_images_per_s", "ratio", "aten_calls_ratio"]
         parts.append(
