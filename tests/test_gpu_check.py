@@ -237,6 +237,16 @@ def test_fp16_training_uses_the_grad_scaler_and_learns():
 
 
 @pytest.mark.gpu
+@needs_gpu
+def test_the_training_loop_syncs_only_at_its_checks_on_this_gpu(tmp_path):
+    """torch's sync debug mode on the trainer's own loop, fp16 (grad scaler, fused AdamW) and bf16."""
+    ctx = {"device": "cuda", "precisions": ["fp16", "bf16"], "work": tmp_path, "config_path": REPO / "config.yaml",
+           "budget_s": 600}  # fmt: skip
+    out = gpu_check.check_syncs(ctx)
+    assert out["status"] == "ok", out
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 @needs_gpu
 def test_the_whole_gpu_check_passes_on_this_gpu(tmp_path):
