@@ -34,8 +34,9 @@ DEMO_OVERLAY = REPO / "profiles" / "demo" / "study.yaml"
 RECIPE = {
     "baseline": {"batch_size": 16, "opt": "adamw", "lr_base": 0.016, "weight_decay": 0.05, "sched": "cosine",
                  "warmup_epochs": 0, "init": "trunc_normal", "hflip": 0.0, "scale": [0.8, 1.0]},
-    # the per-tensor AdamW of then (the fused kernel rounds differently), and no precise BN (the demo's came later)
-    "train": {"fused_optimizer": False, "precise_bn_batches": 0},
+    # the per-tensor AdamW of then (the fused kernel rounds differently), no precise BN and NCHW (the demo's
+    # precise BN and channels_last came later; NHWC rounds differently too, and so trains other weights)
+    "train": {"fused_optimizer": False, "precise_bn_batches": 0, "channels_last": False},
 }  # fmt: skip
 
 
