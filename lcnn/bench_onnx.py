@@ -127,7 +127,7 @@ def time_ort(pending: list[tuple[Any, dict]], img_size: int, settings: dict, pro
     rounds = max(1, min(ORT_ROUNDS, settings["iters"]))
     budget = settings["time_budget_s"] / rounds if settings["time_budget_s"] is not None else None
     latencies: list[list[float]] = [[] for _ in pending]
-    wall, peaks = [0.0] * len(pending), [0.0] * len(pending)
+    wall, peaks = [0.0] * len(pending), [None] * len(pending)
     for r in range(rounds):
         iters = settings["iters"] // rounds + (r < settings["iters"] % rounds)
         for i, (session, _) in enumerate(pending):
@@ -140,9 +140,10 @@ def time_ort(pending: list[tuple[Any, dict]], img_size: int, settings: dict, pro
             )
             latencies[i] += got["latencies_ms"]
             wall[i] += got["total_s"]
-            peaks[i] = max(peaks[i], probe.peak_mb() or 0.0)
+            if (peak := probe.peak_mb()) is not None:  # None: this host cannot reset its peak-RSS mark
+                peaks[i] = peak if peaks[i] is None else max(peaks[i], peak)
     return [
-        make_row(**fields, **timing.latency_stats(latencies[i], wall[i], 1), peak_mem_mb=peaks[i] or None, status="ok")
+        make_row(**fields, **timing.latency_stats(latencies[i], wall[i], 1), peak_mem_mb=peaks[i], status="ok")
         for i, (_, fields) in enumerate(pending)
     ]
 
