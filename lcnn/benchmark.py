@@ -42,7 +42,7 @@ from lcnn import devices, timing
 from lcnn.bench_checks import Reference, check_config, compiler_missing, output_diff, reparameterized
 from lcnn.config import schema_defaults, validate_section
 from lcnn.timing import REL_TOL, MemProbe, error_text, log, make_input, make_row, progress_line
-from lcnn.utils import LcnnError, atomic_write_json, cli, environment, json_arg, read_json
+from lcnn.utils import LcnnError, atomic_write_json, cli, environment, exit_now, json_arg, read_json
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 INT8_FORMS = ("static", "static_conv", "dynamic")
@@ -387,3 +387,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -44,6 +44,7 @@ from lcnn.utils import (
     atomic_write_text,
     cli,
     environment,
+    exit_now,
     json_arg,
     peak_rss_mb,
 )
@@ -670,3 +671,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()

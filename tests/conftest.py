@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lcnn import config as study
+from lcnn.tools.parse_bench import hidden_slurm_path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,9 +46,30 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+@functools.cache
+def _local_path() -> str:
+    if shutil.which("sinfo") is None:
+        return f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    farm = Path(tempfile.mkdtemp(prefix="lcnn-tests-path-"))
+    atexit.register(shutil.rmtree, farm, ignore_errors=True)
+    return hidden_slurm_path(farm)
+
+
+def local_env(**extra: str) -> dict[str, str]:
+    """The environment of a local-executor snakemake run: the venv first on PATH (rules call `python -m lcnn...`)
+    and the SLURM client hidden.
+
+    Where ``sinfo`` is installed but no controller answers (a CI host before tests/test_slurm.py starts the test
+    cluster), Snakemake's SLURM executor plugin spends about 10 s in ``scontrol`` at every snakemake start, whatever
+    the executor (README, "Parsing the workflow"). Local runs never need the SLURM client; the SLURM tests use
+    their own environment.
+    """
+    return {**os.environ, "PATH": _local_path(), **extra}
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True, env: dict | None = None):
-    """Run snakemake in ``workdir`` with the venv first on PATH (rules call `python -m lcnn...`)."""
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    """Run snakemake in ``workdir`` on the local executor, in :func:`local_env` (plus ``env``)."""
+    full_env = local_env(**(env or {}))
     cmd = [str(BIN / "snakemake"), *args]
     proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import BIN, TINY_ARGS, copy_workflow, tiny_config  # noqa: E402
+from conftest import TINY_ARGS, copy_workflow, local_env, tiny_config  # noqa: E402
 from data_helpers import FakeImageNet, build_fake_imagenet  # noqa: E402
 
 from lcnn import config as study  # noqa: E402
@@ -323,9 +322,8 @@ def test_staging_copies_verifies_reuses_and_redoes(
 def test_parsing_the_workflow_imports_neither_torch_nor_timm(tmp_path: Path) -> None:
     """A real dry run under ``python -X importtime``: the parse (every SLURM job repeats it) stays light."""
     workdir = copy_workflow(tmp_path / "wf")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [sys.executable, "-X", "importtime", "-m", "snakemake", "-n", *TINY_ARGS]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=workdir, env=local_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "This was a dry-run" in proc.stdout
     modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}

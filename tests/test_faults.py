@@ -188,6 +188,53 @@ def test_temp_files_of_killed_writers_are_swept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name, "history.csv"])
 
 
+EXIT_NOW_SCRIPT = """
+import logging, multiprocessing, os, sys, time
+from lcnn.utils import exit_now
+
+def idle():
+    time.sleep(60)
+
+if __name__ == "__main__":
+    child = multiprocessing.Process(target=idle, daemon=True)  # as a DataLoader worker is
+    child.start()
+    print(child.pid, flush=True)
+    sys.stdout = open(sys.argv[1], "w", buffering=1 << 16)  # a block-buffered stream, still unwritten
+    print("last line of the log")
+    logging.basicConfig(filename=sys.argv[2], level=logging.INFO)
+    logging.getLogger("lcnn").info("a logged line")
+    exit_now(3)
+"""
+
+
+def test_exit_now_flushes_output_stops_workers_and_keeps_the_status(tmp_path):
+    """A stage's fast exit loses no buffered output or log record, leaves no worker behind, and keeps its status."""
+    script = tmp_path / "stage.py"
+    script.write_text(EXIT_NOW_SCRIPT)
+    out, log = tmp_path / "out.txt", tmp_path / "log.txt"
+    proc = subprocess.run([sys.executable, str(script), str(out), str(log)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert out.read_text() == "last line of the log\n"
+    assert "a logged line" in log.read_text()
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while utils._alive(child) and time.monotonic() < deadline:  # reaped by init once its parent is gone
+        time.sleep(0.05)
+    assert not utils._alive(child), "the worker outlived its stage"
+
+
+def test_exit_now_under_a_profiler_exits_the_usual_way_so_the_profile_is_written(tmp_path):
+    """``python -m cProfile -o ... -m lcnn.train`` still writes its profile: its exit handler runs."""
+    script = tmp_path / "stage.py"
+    script.write_text("from lcnn.utils import exit_now\nprint('done')\nexit_now(0)\n")
+    prof = tmp_path / "stage.prof"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert prof.is_file() and prof.stat().st_size > 0, "the profiler's exit handler did not run"
+
+
 # -------------------------------------------------------------------------------------------- results (collect)
 def test_collect_seeds_refuses_a_foreign_metrics_file_in_one_line(tmp_path):
     bad = tmp_path / "metrics.json"

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import local_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -97,7 +98,7 @@ def report_html(request: pytest.FixtureRequest, tiny_study: Path, artifacts: Pat
     html = artifacts / "report.html"
     html.unlink(missing_ok=True)
     cmd = [*_snakemake(), "report", "--report", str(html), *extra]  # extra last: its options may take lists
-    out = subprocess.run(cmd, cwd=tiny_study, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=tiny_study, env=local_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     assert html.stat().st_size > 100_000, "the report should be one self-contained page of a few MB"
     return html
