@@ -60,6 +60,9 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, lo: float, hi: float) -
         beyond = "n/a" if sig == "n/a" else yn(float(b["gain_ci_lo"]) > 0)
         if beyond == "n/a":
             note = "one seed on a side: seed noise unknown, so the gain cannot be called real"
+        elif float(b["gain_ci_hi"]) < 0:  # the whole CI below 0: a real loss, not noise
+            beyond = "no (a loss)"
+            note = "the CI lies below 0: the best variant loses top-1 beyond seed-to-seed noise"
         elif beyond == "no":
             note = "the CI includes 0: the gain is within seed-to-seed noise"
         elif b["significant_corrected"] != "yes":

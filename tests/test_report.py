@@ -318,6 +318,22 @@ def test_latency_and_models(built: dict) -> None:
     assert fast["pareto_latency"] == "yes" and slow["pareto_latency"] == "no"  # fastnet is faster and better
 
 
+def test_a_gain_whose_whole_ci_is_below_zero_is_called_a_loss_not_noise() -> None:
+    """The demo's ConvNeXt-Atto: -2.00 points, 95 % CI [-3.01, -0.99]. That is no gain within seed noise."""
+    best = pd.DataFrame(
+        [
+            {"model": m, "best_variant": "kaiming", "axis": "initialization", "gain": g, "gain_ci_lo": lo}
+            | {"gain_ci_hi": hi, "significant": s, "significant_corrected": s, "n": 2, "n_baseline": 2, "n_compared": 4}
+            for m, g, lo, hi, s in [("lossnet", -2.0, -3.01, -0.99, "yes"), ("noisenet", -2.0, -9.0, 5.0, "no")]
+        ]
+    )
+    runs = pd.DataFrame([{"model": "lossnet", "device": "cpu"}, {"model": "noisenet", "device": "cpu"}])
+    loss, noise = report_claims._gain_claims(best, runs, 1.5, 3.5)
+    assert loss["beyond_seed_noise"] == "no (a loss)" and loss["holds"] == "no"
+    assert "below 0" in loss["note"] and "includes 0" not in loss["note"]
+    assert noise["beyond_seed_noise"] == "no" and noise["holds"] == "no" and "includes 0" in noise["note"]
+
+
 def test_claims(built: dict) -> None:
     claims = built["tables"]["claims"]
     a_fast = _row_of(claims, claim_id="a", model="fastnet")
