@@ -189,15 +189,17 @@ def test_temp_files_of_killed_writers_are_swept(tmp_path):
 
 
 EXIT_NOW_SCRIPT = """
-import logging, multiprocessing, os, sys, time
+import logging, multiprocessing, os, signal, sys, time
 from lcnn.utils import exit_now
 
 def idle():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a loader worker does (recipe._loader_worker_init)
     time.sleep(60)
 
 if __name__ == "__main__":
     child = multiprocessing.Process(target=idle, daemon=True)  # as a DataLoader worker is
     child.start()
+    time.sleep(0.5)  # its SIGTERM handler is set
     print(child.pid, flush=True)
     sys.stdout = open(sys.argv[1], "w", buffering=1 << 16)  # a block-buffered stream, still unwritten
     print("last line of the log")
