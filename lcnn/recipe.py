@@ -6,6 +6,8 @@ Each study axis maps onto a timm factory: the optimizer onto ``create_optimizer_
 
 from __future__ import annotations
 
+import atexit
+import functools
 import inspect
 import math
 import random
@@ -23,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lcnn.dataset import ManifestDataset, stage
-from lcnn.utils import LcnnError
+from lcnn.utils import LcnnError, kill_children
 
 
 class SeededTransforms(Dataset):
@@ -81,6 +83,20 @@ def _loader_worker_init(_worker_id: int) -> None:
     """
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """Kill loader workers at the interpreter's exit, before multiprocessing's own exit handler waits on them.
+
+    That handler sends each daemonic child SIGTERM, which these workers ignore, and joins it without a timeout. A
+    trainer that died of an exception while its persistent workers lived (an out-of-memory step, a CUDA error, a
+    corrupt image) printed its traceback and then hung, holding its GPUs until SLURM's time limit, and its retry hung
+    again. atexit runs handlers last in, first out: this one, registered after multiprocessing's, runs first.
+    """
+    import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit handler, if nothing did yet)
+
+    atexit.register(kill_children)
 
 
 def normalization(timm_name: str) -> dict[str, Any]:
@@ -188,6 +204,7 @@ def build_loaders(
     # from the process RNG, whose stream drop-path, Mixup and random erasing use and a saved state restores
     loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
     if workers:
+        _kill_workers_at_exit()
         prefetch = tcfg.get("prefetch_factor", 4)
         loader_kw |= {"persistent_workers": True, "prefetch_factor": prefetch, "worker_init_fn": _loader_worker_init}
     train_loader = DataLoader(

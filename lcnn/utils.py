@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,21 @@ def cli(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def kill_children() -> None:
+    """SIGKILL this process's live multiprocessing children and reap them.
+
+    They are DataLoader workers, which ignore SIGTERM (``recipe._loader_worker_init``) and hold nothing to save: a
+    SIGTERM and a join, as the interpreter's exit does, would wait on each of them. torch's SIGCHLD handler, which
+    turns a worker's death by a signal into an error in its loader's process, is put back to the default first.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
 def exit_now(status: int = 0) -> NoReturn:
     """End a stage's process once its work is written, skipping the interpreter's teardown.
 
@@ -59,13 +75,7 @@ def exit_now(status: int = 0) -> NoReturn:
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(status)
     logging.shutdown()
-    # DataLoader workers still alive (daemonic children): they ignore SIGTERM (recipe._loader_worker_init) and hold
-    # nothing to save, so SIGKILL; a SIGTERM and join, as the interpreter's exit does, would wait on each of them
-    children = multiprocessing.active_children()
-    for child in children:
-        child.kill()
-    for child in children:
-        child.join(timeout=5)
+    kill_children()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(status)

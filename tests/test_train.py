@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -319,6 +320,28 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     same = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr"]
     pd.testing.assert_frame_equal(ha[same], hb[same])
     assert checkpoint.find(tmp_path / "cut") is None  # cleaned up after success
+
+
+@pytest.mark.slow
+def test_a_crash_with_live_loader_workers_exits_with_its_error_instead_of_hanging(built_data, tmp_path):
+    """Loader workers ignore SIGTERM (they must outlive a preemption's), and at exit multiprocessing sends its
+    workers SIGTERM and joins them without a timeout. A trainer that crashed while its persistent workers lived (an
+    out-of-memory step, a CUDA error; here a corrupt training image) printed its traceback, then hung until SLURM's
+    time limit. It must exit 1 at once, its own error the log's last line."""
+    data = tmp_path / "data"
+    shutil.copytree(built_data, data)
+    victim = sorted((data / "train").rglob("*.png"))[0]
+    victim.write_bytes(b"not an image")
+    proc = train_subprocess(run_cfg(data, tmp_path / "run", num_workers=2, log_with=[]))
+    try:
+        log, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"the trainer hung after its crash:\n{log[-2000:]}")
+    assert proc.returncode == 1, log[-2000:]
+    assert log.rstrip().splitlines()[-1].startswith("PIL.UnidentifiedImageError"), log[-2000:]
+    assert victim.name in log
 
 
 @pytest.mark.slow
