@@ -207,6 +207,9 @@ def build_loaders(
         _kill_workers_at_exit()
         prefetch = tcfg.get("prefetch_factor", 4)
         loader_kw |= {"persistent_workers": True, "prefetch_factor": prefetch, "worker_init_fn": _loader_worker_init}
+        # a stalled worker (a hung read on shared storage) would otherwise hold the job, and its GPUs, until SLURM's
+        # time limit: the loop never reaches a check, so even the limit's SIGTERM saves nothing. A timeout fails it
+        loader_kw["timeout"] = float(tcfg.get("loader_timeout_s", 600))
     train_loader = DataLoader(
         SeededTransforms(train_set, train_tf, cfg["seed"]),
         batch_size=hp["batch_size"],

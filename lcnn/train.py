@@ -149,9 +149,22 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 break
             end_epoch(job)
     result = finish(job, diverged)
-    hand_off(job, diverged)
-    job.accelerator.end_training()
+    end_training(job)
+    hand_off(job, diverged)  # last: until here a failed job's retry resumes from the saved state
     return result
+
+
+def end_training(job: Job) -> None:
+    """Close the trackers and the process group once the run's outputs are written.
+
+    A failure here (an MLflow server that stays unreachable through its retries) is one warning line: as a failed
+    job it would lose those outputs (Snakemake deletes a failed job's outputs) and retrain.
+    """
+    try:
+        job.accelerator.end_training()
+    except Exception as err:
+        warning = f"[{job.tag}] warning: closing the trackers failed after the outputs were written: {err}"
+        print(warning, file=sys.stderr)
 
 
 def setup(cfg: dict[str, Any]) -> Job:

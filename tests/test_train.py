@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 from timm.data.auto_augment import AutoAugment, RandAugment
@@ -23,7 +24,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lamb, Lion, RMSpropTF
 
-from lcnn import checkpoint, recipe, train
+from lcnn import checkpoint, dataset, recipe, train
 from lcnn import config as study
 from lcnn.models import create
 from lcnn.tools import gpu_check
@@ -320,6 +321,39 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     same = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr"]
     pd.testing.assert_frame_equal(ha[same], hb[same])
     assert checkpoint.find(tmp_path / "cut") is None  # cleaned up after success
+
+
+def test_a_tracker_that_fails_to_close_costs_a_warning_not_the_run(built_data, tmp_path, monkeypatch, capfd):
+    """The outputs are written when the trackers close: a failure then must not fail the job (Snakemake would delete
+    them, and the freed training state would make the retry start over)."""
+    rc = run_cfg(built_data, tmp_path, log_with=[], max_steps_per_epoch=2)
+    rc["hparams"]["epochs"] = 1
+
+    def unreachable(self):
+        raise ConnectionError("MLflow server unreachable")
+
+    monkeypatch.setattr(Accelerator, "end_training", unreachable)
+    assert train.run(rc)["status"] == "ok"
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "ok"
+    assert "closing the trackers failed after the outputs were written: MLflow server" in capfd.readouterr().err
+
+
+def _stalled_read(self, index):
+    time.sleep(8)  # a hung read on shared storage: the worker lives, but no batch comes
+    raise AssertionError("the loader should have given up before this")
+
+
+@pytest.mark.slow
+def test_a_stalled_loader_worker_fails_the_job_instead_of_holding_it(built_data, tmp_path, monkeypatch):
+    """Without a loader timeout the step loop waits forever for a stalled worker's batch, never reaching a check:
+    the job holds its GPUs until SLURM's time limit, and even the limit's SIGTERM saves nothing."""
+    rc = run_cfg(built_data, tmp_path, num_workers=1, loader_timeout_s=1)
+    monkeypatch.setattr(dataset.ManifestDataset, "__getitem__", _stalled_read)  # forked workers inherit it
+    loaders = recipe.build_loaders(rc, 32, 1)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 1"):
+        next(iter(loaders.train))
+    assert time.monotonic() - start < 6
 
 
 @pytest.mark.slow
