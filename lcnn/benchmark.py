@@ -45,6 +45,15 @@ from lcnn.timing import REL_TOL, MemProbe, error_text, log, make_input, make_row
 from lcnn.utils import LcnnError, atomic_write_json, cli, environment, exit_now, json_arg, read_json
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+# CUDA errors that leave the process's CUDA context unusable: every later CUDA call fails with them
+STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "illegal instruction",
+    "misaligned address",
+    "uncorrectable ECC error",
+)
 INT8_FORMS = ("static", "static_conv", "dynamic")
 IGNORED_KEYS = {"variant"}  # benchmark-section keys that concern the workflow, not this tool
 RUNTIME_DEFAULTS = {"val_manifest": None, "onnx_out": None, "quiet": False}  # tool settings, not config keys
@@ -298,7 +307,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         for row in result["rows"]:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         log(f"[bench] wrote {cfg['out']} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    poisoned = next((r["error"] for r in result["rows"] if _sticky_cuda_error(r)), None)
+    if poisoned:  # its rows stay in the log; as a job that succeeded, its error rows would stand in the report
+        raise LcnnError(
+            f"the GPU failed with '{poisoned}', after which every CUDA call in the process fails: check the node's "
+            "GPU and driver (nvidia-smi, Xid errors in dmesg) and rerun the benchmark, on another node if it recurs"
+        )
     return result
+
+
+def _sticky_cuda_error(row: dict[str, Any]) -> bool:
+    return row["status"] == "error" and any(e in (row.get("error") or "") for e in STICKY_CUDA_ERRORS)
 
 
 def _not_benchmarked(cfg: dict[str, Any], ran: dict[str, Any]) -> dict[str, Any]:

@@ -124,6 +124,25 @@ def test_error_in_one_configuration_keeps_the_others():
     assert status[2] == ("error", "ValueError: boom at batch 2")
 
 
+def test_a_poisoned_cuda_context_fails_the_job_in_one_line(tmp_path, monkeypatch):
+    """After an illegal memory access every CUDA call fails: a job that exited 0 would leave only error rows in
+    the report. The JSON is still written, and the job fails, naming the error and what to check."""
+
+    def illegal_access(x):
+        if x.shape[0] == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(models, "create", lambda *a, **k: Tiny(fail=illegal_access))
+    out = tmp_path / "tiny.json"
+    cfg = {"timm_name": "tiny", "img_size": 16, "out": str(out), "benchmark": settings(batch_sizes=[1, 2, 4])}
+    says = "GPU failed with 'RuntimeError: CUDA error: an illegal memory access.*dmesg"
+    with pytest.raises(benchmark.LcnnError, match=says):
+        benchmark.run(cfg)
+    assert {r["batch_size"]: r["status"] for r in json.loads(out.read_text())["rows"]} == {1: "ok", 2: "error", 4: "ok"}
+    monkeypatch.setattr(models, "create", lambda *a, **k: Tiny(fail=lambda x: x.shape[0] == 2 and 1 / 0))
+    assert benchmark.run(cfg)["rows"][1]["status"] == "error"  # an ordinary error stays a row of a finished job
+
+
 def test_fp16_on_cpu_is_unsupported_not_timed_and_bf16_records_its_agreement():
     result = benchmark.benchmark_model(Tiny(), {"img_size": 16, "benchmark": settings(precisions=["fp16", "bf16"])})
     fp16, bf16 = rows_by(result, precision="fp16")[0], rows_by(result, precision="bf16")[0]
