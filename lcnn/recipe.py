@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lcnn.dataset import ManifestDataset, stage
+from lcnn.launch import STOP_SIGNALS
 from lcnn.utils import LcnnError, kill_children
 
 
@@ -69,9 +70,6 @@ class SeededTransforms(Dataset):
             torch.set_rng_state(saved[2])
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
 def _loader_worker_init(_worker_id: int) -> None:
     """Loader workers ignore the stop signals, which SLURM, torchrun and Ctrl-C also deliver to them.
 
@@ -81,7 +79,7 @@ def _loader_worker_init(_worker_id: int) -> None:
     outright. They still end with the trainer: the DataLoader shuts them down, and a worker whose trainer is gone
     exits by itself (torch's watchdog); ``scancel``'s SIGKILL ends everything.
     """
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
