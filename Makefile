@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: install  ## the whole study, scaled down, on built-in data on the CPU, then the HTML report
-	$(BIN)/snakemake --profile profiles/demo
+	$(BIN)/python -m lcnn.forkserver -- $(BIN)/snakemake --profile profiles/demo  # trainers forked warm: README
 	$(BIN)/snakemake --profile profiles/demo --report report.html
 	@echo "Demo done: tables in results/report/, HTML report in report.html"
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lcnn import forkserver
+
 # a trainer saves its state within this many seconds of SIGTERM (profiles/slurm signals 120 s before the limit);
 # torchrun waits this long before it SIGKILLs its workers
 SHUTDOWN_TIMEOUT_S = 100
@@ -94,16 +96,43 @@ def note_preempted(rank: int) -> None:
         (Path(exit_dir) / f"rank{rank}.exit").write_text(f"{EXIT_PREEMPTED}\n")
 
 
+def start_trainer(
+    nproc: int, train_args: list[str], env: dict[str, str]
+) -> subprocess.Popen | forkserver.RemoteProcess:
+    """Start the trainer: forked by the fork server where one runs this job's command (``make demo``), else a new
+    process (torchrun's for several)."""
+    path = os.environ.get(forkserver.FORKSERVER_ENV)
+    if nproc <= 1 and path:
+        try:
+            return forkserver.start(path, "lcnn.train", train_args, env)
+        except forkserver.ForkServerError as err:
+            print(f"lcnn launch: {err}; starting the trainer as a new process", file=sys.stderr, flush=True)
+    return subprocess.Popen(command(nproc, train_args), env=env)
+
+
 def run(cfg: dict) -> dict:
     """Run the trainer to its end; return its exit status and, when a signal ended it, the signal's name."""
     nproc = int(cfg["nproc"])
-    cmd = command(nproc, list(cfg["train_args"]))
-    for sig in STOP_SIGNALS:  # the process group delivers it to the trainer; stay alive to report the outcome
-        signal.signal(sig, lambda *_: None)
+    started: list[subprocess.Popen | forkserver.RemoteProcess] = []
+
+    def forward(sig: int, _frame: object) -> None:
+        """The process group delivers a stop signal to a trainer started here; one forked by the fork server is in a
+        group of its own, so it is forwarded. Either way the launcher stays alive to report the outcome."""
+        for proc in started:
+            if isinstance(proc, forkserver.RemoteProcess):
+                proc.send_signal(sig)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lcnn-exit-") as exit_dir:
-        proc = subprocess.Popen(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
-        code = proc.wait()
+        proc = start_trainer(nproc, list(cfg["train_args"]), {**os.environ, EXIT_DIR_ENV: exit_dir})
+        started.append(proc)
+        try:
+            code = proc.wait()
+        except forkserver.ForkServerError as err:
+            print(f"lcnn launch: {err}; its outcome is unknown, a retry resumes", file=sys.stderr, flush=True)
+            code = 1
         if code > 0 and nproc > 1 and preempted_ranks(Path(exit_dir)) == nproc:
             print(
                 f"lcnn launch: all {nproc} trainers saved their state and exited {EXIT_PREEMPTED} (torchrun "

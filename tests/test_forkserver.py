@@ -1,0 +1,192 @@
+"""The fork server (`make demo`): a trainer forked from a warm process must be the job's trainer in every way.
+
+Real processes throughout: the server runs the launcher exactly as the train rule does, the launcher asks the server
+for the trainer, and each test compares with a trainer the launcher started as a new process, or sends the signals
+that Snakemake, SLURM and the kernel send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, tiny_config
+from safetensors.torch import load_file
+
+from lcnn import checkpoint, forkserver, launch
+from lcnn import config as study
+
+pytestmark = pytest.mark.slow
+
+MODEL = "mobilenetv3_l"
+SERVER = [sys.executable, "-m", "lcnn.forkserver", "--"]
+
+
+def train_args(cfg: dict, out_dir: Path) -> list[str]:
+    """The trainer's arguments as the train rule passes them."""
+    return [
+        "--run-json",
+        json.dumps(study.run_recipe(cfg, MODEL, study.BASELINE, 0)),
+        "--exec-json",
+        json.dumps(study.run_execution(cfg)),
+        "--out-dir",
+        str(out_dir),
+    ]
+
+
+def launcher(cfg: dict, out_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "lcnn.launch", "--nproc", "1", "--", *train_args(cfg, out_dir)]
+
+
+@pytest.fixture(scope="module")
+def cfg(built_data) -> dict:
+    cfg = tiny_config(built_data)
+    cfg["baseline"].update(batch_size=8, epochs=2)
+    cfg["train"].update(log_every=1, num_workers=1)  # a persistent loader worker, forked by the forked trainer
+    return cfg
+
+
+def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    fh = open(log, "w")  # noqa: SIM115 - closed by the OS when the child exits; the test reads the file
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def wait_until(ready, proc: subprocess.Popen, log: Path) -> None:
+    while not ready():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def forked_by(server: subprocess.Popen) -> tuple[int, int]:
+    """The server's two children: the launcher it runs as its command, and the trainer it forked (which, as a fork,
+    shows the server's command line)."""
+    kids = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in children(server.pid)}
+    (launcher_pid,) = (p for p, cmd in kids.items() if b"lcnn.forkserver" not in cmd)
+    (trainer_pid,) = (p for p, cmd in kids.items() if b"lcnn.forkserver" in cmd)
+    return launcher_pid, trainer_pid
+
+
+def same_run(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    same = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr"]
+    pd.testing.assert_frame_equal(pd.read_csv(a / "history.csv")[same], pd.read_csv(b / "history.csv")[same])
+
+
+@pytest.fixture(scope="module")
+def plain(cfg, tmp_path_factory) -> Path:
+    """A trainer started as a new process, by a launcher whose fork server cannot be reached (a job on another node):
+    one warning line, then the usual way."""
+    base = tmp_path_factory.mktemp("plain")
+    log = base / "log"
+    proc = start(launcher(cfg, base / "run"), log, **{forkserver.FORKSERVER_ENV: str(base / "no-such-socket")})
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    (warning,) = [line for line in log.read_text().splitlines() if line.startswith("lcnn launch:")]
+    assert "cannot reach the fork server" in warning and "starting the trainer as a new process" in warning
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def forked(cfg, tmp_path_factory) -> dict:
+    """The same job, its trainer forked by the server; the server's environment has its own thread count."""
+    base = tmp_path_factory.mktemp("forked")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # the server's torch reads 2; the job asks for 1
+    cmd = [*SERVER, "env", "OMP_NUM_THREADS=1", *launcher(cfg, base / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": base / "run", "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def test_a_forked_trainer_trains_exactly_as_a_new_process(plain, forked):
+    same_run(plain, forked["out"])
+    assert forked["stderr"].strip().splitlines()[-1] == "lcnn forkserver: started 1 trainers warm"
+    assert f"[{MODEL}/baseline/seed0] epoch 2/2" in forked["stdout"]  # the launcher's streams are the trainer's
+    assert json.loads((forked["out"] / "env.json").read_text())["cpu_threads"] == 1  # the job's OMP_NUM_THREADS
+    metrics = json.loads((forked["out"] / "metrics.json").read_text())
+    assert metrics["status"] == "ok"
+
+
+def test_a_stop_signal_to_the_launcher_reaches_the_forked_trainer_and_the_retry_ends_the_same(cfg, plain, tmp_path):
+    """SIGTERM to the launcher alone (the forked trainer is in a process group of its own): the launcher forwards
+    it, the trainer saves its state and exits 75, and the launcher exits 75 so Snakemake's retry resumes."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    server = start([*SERVER, *launcher(cfg, out)], log)
+    wait_until(lambda: "epoch 1 step 3/" in log.read_text(), server, log)
+    os.kill(forked_by(server)[0], signal.SIGTERM)
+    assert server.wait(timeout=300) == launch.EXIT_PREEMPTED, log.read_text()[-3000:]
+    assert "saved state at epoch 1" in log.read_text()
+    assert checkpoint.find(out) is not None and not (out / "metrics.json").exists()
+
+    retry = start([*SERVER, *launcher(cfg, out)], tmp_path / "retry.log")
+    assert retry.wait(timeout=600) == 0, (tmp_path / "retry.log").read_text()[-3000:]
+    assert "resuming at epoch 1 step" in (tmp_path / "retry.log").read_text()
+    same_run(plain, out)
+
+
+def test_a_trainer_whose_launcher_was_killed_saves_its_state_and_stops(cfg, tmp_path):
+    """Snakemake or SLURM SIGKILLs the launcher: nobody is left to stop its trainer but the server, which sends it
+    SIGTERM; it saves its state, and the server ends with its command."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    server = start([*SERVER, *launcher(cfg, out)], log)
+    wait_until(lambda: "epoch 1 step 3/" in log.read_text(), server, log)
+    launcher_pid, trainer = forked_by(server)
+    os.kill(launcher_pid, signal.SIGKILL)
+    assert server.wait(timeout=300) == 128 + signal.SIGKILL
+    assert "saved state at epoch 1" in log.read_text()
+    assert checkpoint.find(out) is not None
+    assert not Path(f"/proc/{trainer}").exists()  # reaped: no orphan keeps training
+
+
+def test_a_forked_trainer_killed_by_a_signal_is_reported_as_one_the_launcher_started(cfg, tmp_path):
+    log = tmp_path / "log"
+    server = start([*SERVER, *launcher(cfg, tmp_path / "run")], log)
+    wait_until(lambda: "epoch 1 step 2/" in log.read_text(), server, log)
+    os.kill(forked_by(server)[1], signal.SIGSEGV)
+    assert server.wait(timeout=120) == 128 + signal.SIGSEGV
+    text = log.read_text()
+    assert "Fatal Python error: Segmentation fault" in text  # faulthandler wrote to the job's log
+    (last,) = [line for line in text.splitlines() if line.startswith("lcnn launch:")]
+    assert "died by SIGSEGV" in last and "resumes from the last saved epoch" in last
+
+
+def test_a_forked_trainers_error_is_its_one_line_and_status(cfg, tmp_path):
+    cfg = {**cfg, "data": {**cfg["data"], "root": str(tmp_path / "not_prepared")}}
+    proc = subprocess.run(
+        [*SERVER, *launcher(cfg, tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lcnn error:")]
+    assert len(errors) == 1 and "train.csv does not exist; prepare the data first" in errors[0]
+
+
+def test_the_server_runs_only_the_trainer():
+    """A client asking for another module gets an error, not a process."""
+    client = (
+        "import os; from lcnn import forkserver as f\n"
+        "try:\n    f.start(os.environ[f.FORKSERVER_ENV], 'os', [], dict(os.environ))\n"
+        "except f.ForkServerError as err:\n    print(err)"
+    )
+    proc = subprocess.run(
+        [*SERVER, sys.executable, "-c", client], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "did not start os: error it serves lcnn.train" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "lcnn forkserver: started 0 trainers warm"
+
+
+def test_no_command_is_a_one_line_usage_error():
+    proc = subprocess.run(SERVER[:-1], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no command" in proc.stderr.strip().splitlines()[-1]
