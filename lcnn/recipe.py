@@ -56,18 +56,27 @@ class SeededTransforms(Dataset):
         return (self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**31
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
-        sample_seed = self.sample_seed(index)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A batch, as DataLoader asks for it: the global RNG streams are saved and restored once per batch, not
+        per sample (90 us a sample: a third of a demo epoch's loading, 0.87 -> 0.59 s)."""
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        torch.default_generator.manual_seed(sample_seed)  # the CPU generator only: 1 us, torch.manual_seed 90 us
         try:
-            return self.transform(image), label
+            return [self.augment(index) for index in indices]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
+
+    def augment(self, index: int) -> tuple[torch.Tensor, int]:
+        """Sample ``index``, transformed under its own seed (this changes the global RNG streams)."""
+        image, label = self.dataset[index]
+        sample_seed = self.sample_seed(index)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.default_generator.manual_seed(sample_seed)  # the CPU generator only: 1 us, torch.manual_seed 90 us
+        return self.transform(image), label
 
 
 def _loader_worker_init(_worker_id: int) -> None:

@@ -19,10 +19,10 @@ from timm.data import Mixup  # noqa: E402
 
 from lcnn import recipe, train  # noqa: E402
 
-_original = recipe.SeededTransforms.__getitem__
+_original = recipe.SeededTransforms.augment
 
 
-def _recording_getitem(self, index):
+def _recording_augment(self, index):
     image, label = _original(self, index)
     digest = hashlib.sha1(image.numpy().tobytes()).hexdigest()[:16]
     line = f"{os.environ.get('RANK', '0')}\t{len(self)}\t{self.epoch}\t{index}\t{digest}\n"
@@ -41,7 +41,7 @@ def _recording_params(self):
     return lam, use_cutmix
 
 
-recipe.SeededTransforms.__getitem__ = _recording_getitem
+recipe.SeededTransforms.augment = _recording_augment
 Mixup._params_per_batch = _recording_params
 
 if __name__ == "__main__":
