@@ -67,10 +67,15 @@ def local_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": _local_path(), **extra}
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True, env: dict | None = None):
-    """Run snakemake in ``workdir`` on the local executor, in :func:`local_env` (plus ``env``)."""
+def snakemake(
+    workdir: Path, *args: str, timeout: int = 900, check: bool = True, env: dict | None = None, warm: bool = False
+):
+    """Run snakemake in ``workdir`` on the local executor, in :func:`local_env` (plus ``env``); ``warm``: under the
+    fork server, as `make demo` runs it."""
     full_env = local_env(**(env or {}))
     cmd = [str(BIN / "snakemake"), *args]
+    if warm:
+        cmd = [sys.executable, "-m", "lcnn.forkserver", "--", *cmd]
     proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -96,5 +101,6 @@ def built_data(tmp_path_factory) -> Path:
 def tiny_study(tmp_path_factory) -> Path:
     """A workdir where the tiny study has run to completion with `snakemake report`."""
     workdir = copy_workflow(tmp_path_factory.mktemp("tiny_study"))
-    snakemake(workdir, "report", *TINY_ARGS)
+    proc = snakemake(workdir, "report", *TINY_ARGS, warm=True)  # as `make demo` runs it
+    (workdir / "snakemake.stderr").write_text(proc.stderr)  # tests/test_forkserver.py reads the server's last line
     return workdir

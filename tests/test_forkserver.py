@@ -190,3 +190,12 @@ def test_the_server_runs_only_the_trainer():
 def test_no_command_is_a_one_line_usage_error():
     proc = subprocess.run(SERVER[:-1], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no command" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_tiny_study_through_snakemake_forks_every_trainer(tiny_study):
+    """`make demo`'s path: snakemake's shell runs the launcher, which reaches the server; every trainer is forked."""
+    trainers = len(list(tiny_study.glob("runs/*/*/seed*/metrics.json")))
+    assert trainers == 4
+    last = (tiny_study / "snakemake.stderr").read_text().strip().splitlines()[-1]
+    assert last == f"lcnn forkserver: started {trainers} trainers warm"
+    assert not any("lcnn launch:" in log.read_text() for log in tiny_study.glob("logs/train/*/*/*.log"))
