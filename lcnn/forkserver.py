@@ -57,11 +57,10 @@ class ForkServerError(OSError):
 class RemoteProcess:
     """A trainer forked by the server: ``pid``, ``send_signal`` and ``wait`` as for a ``subprocess.Popen``."""
 
-    def __init__(self, sock: socket.socket, pid: int):
+    def __init__(self, sock: socket.socket, reader: Any, pid: int):
         self.pid = pid
         self.returncode: int | None = None
-        self._sock = sock
-        self._reader = sock.makefile("r", encoding="utf-8")
+        self._sock, self._reader = sock, reader  # one reader: its buffer may already hold the exit line
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -91,14 +90,15 @@ def start(path: str, module: str, argv: Sequence[str], env: dict[str, str]) -> R
         sock.connect(path)
         socket.send_fds(sock, [_HEADER.pack(len(body))], [0, 1, 2])
         sock.sendall(body)
-        reply = sock.makefile("r", encoding="utf-8").readline()
+        reader = sock.makefile("r", encoding="utf-8")
+        reply = reader.readline()
     except OSError as err:
         sock.close()
         raise ForkServerError(f"cannot reach the fork server at {path}: {err}") from err
     if not reply.startswith("pid "):
         sock.close()
         raise ForkServerError(f"the fork server at {path} did not start {module}: {reply.strip() or 'no reply'}")
-    return RemoteProcess(sock, int(reply.split()[1]))
+    return RemoteProcess(sock, reader, int(reply.split()[1]))
 
 
 def _umask() -> int:
@@ -334,7 +334,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             "no command: give it after --, e.g. python -m lcnn.forkserver -- snakemake --profile profiles/demo"
         )
-    result = run({"command": command})
+    try:
+        result = run({"command": command})
+    except FileNotFoundError as err:
+        parser.error(f"cannot run {command[0]!r} ({err.strerror}); give the command's path or put it on PATH")
     _say(f"started {result['started']} trainers warm")
     code = result["returncode"]
     sys.exit(128 - code if code < 0 else code)

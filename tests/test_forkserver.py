@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,9 +189,35 @@ def test_the_server_runs_only_the_trainer():
     assert proc.stderr.strip().splitlines()[-1] == "lcnn forkserver: started 0 trainers warm"
 
 
-def test_no_command_is_a_one_line_usage_error():
-    proc = subprocess.run(SERVER[:-1], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "no command" in proc.stderr.strip().splitlines()[-1]
+def test_a_trainer_that_ends_at_once_reports_its_status(tmp_path):
+    """The server's two lines ("pid", then "exit") can arrive together; the launcher must not lose the second."""
+    path = str(tmp_path / "socket")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def reply_at_once() -> None:
+        conn, _ = listener.accept()
+        header, fds, _, _ = socket.recv_fds(conn, 4, 3)
+        for fd in fds:
+            os.close(fd)
+        size = int.from_bytes(header, "big")
+        while size:  # the whole request, as the server reads it
+            size -= len(conn.recv(size))
+        conn.sendall(b"pid 12345\nexit 75\n")
+        conn.close()
+
+    server = threading.Thread(target=reply_at_once)
+    server.start()
+    proc = forkserver.start(path, "lcnn.train", [], {})
+    server.join(timeout=10)
+    assert proc.pid == 12345 and proc.wait() == launch.EXIT_PREEMPTED
+
+
+@pytest.mark.parametrize(("command", "message"), [([], "no command"), (["--", "no-such-tool"], "cannot run")])
+def test_no_command_is_a_one_line_usage_error(command, message):
+    proc = subprocess.run([*SERVER[:-1], *command], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
 
 
 def test_the_tiny_study_through_snakemake_forks_every_trainer(tiny_study):
