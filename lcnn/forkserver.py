@@ -27,6 +27,7 @@ import json
 import os
 import runpy
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -45,6 +46,7 @@ ORPHAN_GRACE_S = 120.0  # a trainer saves its state within this of SIGTERM (laun
 POLL_S = 0.05  # how often the server reaps its children
 _HEADER = struct.Struct("!I")  # the request's length, before its JSON
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}  # what the server handles or ignores
 
 
 class ForkServerError(OSError):
@@ -55,30 +57,59 @@ class ForkServerError(OSError):
 
 
 class RemoteProcess:
-    """A trainer forked by the server: ``pid``, ``send_signal`` and ``wait`` as for a ``subprocess.Popen``."""
+    """A trainer forked by the server: ``pid``, ``send_signal`` and ``wait`` as for a ``subprocess.Popen``.
+
+    It is not this process's child, so it is held by a pidfd where Linux has them: a signal never reaches another
+    process that reused the pid, and when the server is lost, :meth:`wait` still waits for the trainer to end.
+    """
 
     def __init__(self, sock: socket.socket, reader: Any, pid: int):
         self.pid = pid
         self.returncode: int | None = None
         self._sock, self._reader = sock, reader  # one reader: its buffer may already hold the exit line
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd (not Linux 5.3+), or it has ended already
+            self._pidfd = None
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
             try:
-                os.kill(self.pid, sig)
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                else:
+                    os.kill(self.pid, sig)
             except ProcessLookupError:  # it has just ended; wait() reports how
                 pass
 
     def wait(self) -> int:
-        """Block until the trainer ends; its status as ``Popen.wait`` gives it (negative: killed by that signal)."""
+        """Block until the trainer ends; its status as ``Popen.wait`` gives it (negative: killed by that signal).
+
+        Raises ForkServerError if the server ended first, once the trainer has ended too (the kernel sent it SIGTERM
+        when the server died, and it may take a while to save its state): a retry never trains beside it.
+        """
         if self.returncode is None:
             line = self._reader.readline()  # interrupted by a signal, it retries after the handler (PEP 475)
             self._reader.close()
             self._sock.close()
             if not line.startswith("exit "):
+                self._wait_gone()
                 raise ForkServerError(f"the fork server ended before trainer pid {self.pid} did")
             self.returncode = int(line.split()[1])
+            if self._pidfd is not None:
+                os.close(self._pidfd)
         return self.returncode
+
+    def _wait_gone(self) -> None:
+        if self._pidfd is not None:
+            select.select([self._pidfd], [], [])  # readable once the process has ended
+            return
+        while True:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(POLL_S)
 
 
 def start(path: str, module: str, argv: Sequence[str], env: dict[str, str]) -> RemoteProcess:
@@ -170,7 +201,10 @@ class _Server:
             child.conn.close()
 
     def _accept(self) -> None:
-        conn, _ = self.listener.accept()
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:  # out of file descriptors, or the client gave up: it falls back to a new process
+            return
         fds: list[int] = []
         try:
             conn.settimeout(10)
@@ -183,11 +217,10 @@ class _Server:
                     raise ConnectionError("the request ended early")
                 body += chunk
             request = json.loads(body)
-            if request["module"] not in SERVED or len(fds) != 3:
-                raise ValueError(f"it serves {', '.join(SERVED)} with 3 streams, not {request['module']}")
+            _check(request, fds)
             conn.settimeout(None)
             pid = self._fork(conn, request, fds)
-        except (OSError, ValueError, KeyError, struct.error) as err:
+        except Exception as err:  # noqa: BLE001 - a bad request is refused; the server serves on
             try:
                 conn.sendall(f"error {err}\n".encode())
             except OSError:
@@ -208,7 +241,14 @@ class _Server:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         server = os.getpid()
-        pid = os.fork()
+        # a stop signal that reaches the child before it has the trainer's handlers waits, instead of running the
+        # server's (which would signal COMMAND) or being ignored (the server ignores SIGINT)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == server:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if pid:
             return pid
         try:  # the child: from here on it is the trainer, and it never returns into the server
@@ -238,11 +278,12 @@ def _become(request: dict[str, Any], fds: list[int], server: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has them
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one sent meanwhile is delivered now
+    tempfile.tempdir = None  # found again from the job's TMPDIR
     sys.stdout.reconfigure(line_buffering=os.isatty(1), write_through=bool(os.environ.get("PYTHONUNBUFFERED")))
     sys.stderr.reconfigure(line_buffering=True)
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:  # OpenMP read it when torch was loaded
-        sys.modules["torch"].set_num_threads(int(threads))
+    if "torch" in sys.modules:  # OpenMP read OMP_NUM_THREADS when the server loaded torch
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     module = request["module"]
     sys.path[0] = request["cwd"]  # as `python -m` sets it
     sys.argv = [module, *request["argv"]]  # runpy puts the module's file first
@@ -261,6 +302,17 @@ def _become(request: dict[str, Any], fds: list[int], server: int) -> None:
         code = 1
     _finish()
     os._exit(code)
+
+
+def _check(request: dict[str, Any], fds: list[int]) -> None:
+    """Refuse what a fork cannot give a job as a new process would have it; the launcher then starts one."""
+    if request["module"] not in SERVED or len(fds) != 3:
+        raise ValueError(f"it serves {', '.join(SERVED)} with 3 streams, not {request['module']}")
+    threads = request["env"].get("OMP_NUM_THREADS", "")
+    if not (threads.isdigit() and int(threads) > 0):  # the train rule always sets it
+        raise ValueError(f"OMP_NUM_THREADS is {threads!r}, not a thread count it can apply")
+    if request["umask"] != _umask():  # output files take their mode from the umask the server's modules read
+        raise ValueError(f"the job's umask {request['umask']:03o} is not the server's {_umask():03o}")
 
 
 def _exit_code(code: object) -> int:
@@ -304,7 +356,9 @@ def _say(what: str) -> None:
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run ``cfg["command"]`` with a fork server for its trainers; return its exit status and the trainers started."""
-    with tempfile.TemporaryDirectory(prefix="lcnn-forkserver-") as folder:  # 0700: only this user can connect
+    folder = tempfile.mkdtemp(prefix="lcnn-forkserver-")  # 0700: only this user can connect
+    server_pid = os.getpid()
+    try:
         path = os.path.join(folder, "socket")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
@@ -314,11 +368,19 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda sig, _: command.send_signal(sig))
         server = _Server(listener)
-        if _preload(cfg.get("preload", SERVED)):
-            server.serve(command)
-        else:
-            listener.close()  # refused: launchers start their trainers the usual way
+        try:
+            if _preload(cfg.get("preload", SERVED)):
+                server.serve(command)
+            else:
+                listener.close()  # refused: launchers start their trainers the usual way
+                command.wait()
+        except BaseException:  # the server failed: COMMAND's jobs would fall back, but stop it rather than leave it
+            command.terminate()
             command.wait()
+            raise
+    finally:
+        if os.getpid() == server_pid:  # never from a trainer's exit (a TemporaryDirectory's finalizer would be)
+            shutil.rmtree(folder, ignore_errors=True)
     return {"returncode": command.returncode, "started": server.started}
 
 
@@ -334,10 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             "no command: give it after --, e.g. python -m lcnn.forkserver -- snakemake --profile profiles/demo"
         )
-    try:
-        result = run({"command": command})
-    except FileNotFoundError as err:
-        parser.error(f"cannot run {command[0]!r} ({err.strerror}); give the command's path or put it on PATH")
+    if shutil.which(command[0]) is None:
+        parser.error(f"cannot run {command[0]!r}: no such program; give the command's path or put it on PATH")
+    result = run({"command": command})
     _say(f"started {result['started']} trainers warm")
     code = result["returncode"]
     sys.exit(128 - code if code < 0 else code)

@@ -102,7 +102,7 @@ def start_trainer(
     """Start the trainer: forked by the fork server where one runs this job's command (``make demo``), else a new
     process (torchrun's for several)."""
     path = os.environ.get(forkserver.FORKSERVER_ENV)
-    if nproc <= 1 and path:
+    if nproc <= 1 and path and "SLURM_JOB_ID" not in os.environ:  # a SLURM job's trainer stays in its allocation
         try:
             return forkserver.start(path, "lcnn.train", train_args, env)
         except forkserver.ForkServerError as err:
@@ -114,10 +114,14 @@ def run(cfg: dict) -> dict:
     """Run the trainer to its end; return its exit status and, when a signal ended it, the signal's name."""
     nproc = int(cfg["nproc"])
     started: list[subprocess.Popen | forkserver.RemoteProcess] = []
+    early: list[int] = []
 
     def forward(sig: int, _frame: object) -> None:
         """The process group delivers a stop signal to a trainer started here; one forked by the fork server is in a
-        group of its own, so it is forwarded. Either way the launcher stays alive to report the outcome."""
+        group of its own, so it is forwarded. One that came before the trainer existed is sent once it does. Either
+        way the launcher stays alive to report the outcome."""
+        if not started:
+            early.append(sig)
         for proc in started:
             if isinstance(proc, forkserver.RemoteProcess):
                 proc.send_signal(sig)
@@ -128,6 +132,8 @@ def run(cfg: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="lcnn-exit-") as exit_dir:
         proc = start_trainer(nproc, list(cfg["train_args"]), {**os.environ, EXIT_DIR_ENV: exit_dir})
         started.append(proc)
+        for sig in early:  # a trainer that has no handlers yet dies of it: reported below, and the retry resumes
+            proc.send_signal(sig)
         try:
             code = proc.wait()
         except forkserver.ForkServerError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -164,29 +165,134 @@ def test_a_forked_trainer_killed_by_a_signal_is_reported_as_one_the_launcher_sta
     assert "died by SIGSEGV" in last and "resumes from the last saved epoch" in last
 
 
-def test_a_forked_trainers_error_is_its_one_line_and_status(cfg, tmp_path):
+def test_a_forked_trainers_error_is_its_one_line_and_status_and_the_server_serves_on(cfg, tmp_path):
+    """A trainer that fails runs the exit handlers it inherited from the server: none of them may stop the server
+    (a TemporaryDirectory's finalizer once removed its socket, so every later job fell back to a new process)."""
     cfg = {**cfg, "data": {**cfg["data"], "root": str(tmp_path / "not_prepared")}}
+    one = shlex.join(launcher(cfg, tmp_path / "run"))
     proc = subprocess.run(
-        [*SERVER, *launcher(cfg, tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300
+        [*SERVER, "sh", "-c", f"{one}; {one}"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lcnn error:")]
-    assert len(errors) == 1 and "train.csv does not exist; prepare the data first" in errors[0]
+    assert len(errors) == 2 and all("train.csv does not exist; prepare the data first" in e for e in errors)
+    assert "lcnn launch:" not in proc.stderr  # neither fell back to a new process
+    assert proc.stderr.strip().splitlines()[-1] == "lcnn forkserver: started 2 trainers warm"
 
 
-def test_the_server_runs_only_the_trainer():
-    """A client asking for another module gets an error, not a process."""
-    client = (
-        "import os; from lcnn import forkserver as f\n"
-        "try:\n    f.start(os.environ[f.FORKSERVER_ENV], 'os', [], dict(os.environ))\n"
-        "except f.ForkServerError as err:\n    print(err)"
+def test_a_slurm_job_never_uses_the_server(cfg, tmp_path):
+    """sbatch exports the environment: a SLURM job's trainer must stay in the job's own allocation and cgroup."""
+    cfg = {**cfg, "data": {**cfg["data"], "root": str(tmp_path / "not_prepared")}}
+    proc = subprocess.run(
+        [*SERVER, "env", "SLURM_JOB_ID=1", *launcher(cfg, tmp_path / "run")],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert proc.returncode == 2 and "train.csv does not exist" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "lcnn forkserver: started 0 trainers warm"
+
+
+def test_a_trainer_whose_server_died_is_waited_for_before_the_launcher_fails(cfg, tmp_path):
+    """SIGKILL to the server: the kernel sends the trainer SIGTERM, it saves its state, and only then does the
+    launcher exit (status 1, one line), so Snakemake's retry never trains beside it in the same folder."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    server = start([*SERVER, *launcher(cfg, out)], log)
+    wait_until(lambda: "epoch 1 step 3/" in log.read_text(), server, log)
+    launcher_pid, trainer = forked_by(server)
+    server.kill()
+    server.wait(timeout=30)
+    deadline = time.monotonic() + 300
+    while "outcome is unknown" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    assert not Path(f"/proc/{trainer}").exists() or "State:\tZ" in Path(f"/proc/{trainer}/status").read_text()
+    text = log.read_text()
+    assert "saved state at epoch 1" in text and text.index("saved state") < text.index("outcome is unknown")
+    assert checkpoint.find(out) is not None
+    (last,) = [line for line in text.splitlines() if line.startswith("lcnn launch:")]
+    assert "the fork server ended before trainer pid" in last and "a retry resumes" in last
+
+
+def test_the_server_refuses_what_a_fork_cannot_give_as_a_new_process_would():
+    """Another module, a job without a thread count, another umask: each is refused, so the launcher starts the
+    trainer as a new process."""
+    client = """
+import os
+from lcnn import forkserver as f
+path, env = os.environ[f.FORKSERVER_ENV], {**os.environ, "OMP_NUM_THREADS": "1"}
+for module, job_env in (("os", env), ("lcnn.train", {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"})):
+    try:
+        f.start(path, module, [], job_env)
+    except f.ForkServerError as err:
+        print(err)
+os.umask(0o077)
+try:
+    f.start(path, "lcnn.train", [], env)
+except f.ForkServerError as err:
+    print(err)
+"""
     proc = subprocess.run(
         [*SERVER, sys.executable, "-c", client], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "did not start os: error it serves lcnn.train" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 and all("did not start" in line for line in lines)
+    assert "it serves lcnn.train" in lines[0]
+    assert "OMP_NUM_THREADS is ''" in lines[1]
+    assert "the job's umask 077 is not the server's" in lines[2]
     assert proc.stderr.strip().splitlines()[-1] == "lcnn forkserver: started 0 trainers warm"
+
+
+def test_a_stop_signal_during_the_handshake_reaches_the_trainer(tmp_path):
+    """SIGTERM to the launcher while the server has not yet said which pid it forked (a busy server) must reach
+    the trainer once it has, not vanish: else a preempted or cancelled job trains on to the end."""
+    victim = subprocess.Popen(["sleep", "120"])  # stands in for the forked trainer: it dies of SIGTERM
+    path = str(tmp_path / "socket")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    asked = threading.Event()
+
+    def slow_server() -> None:
+        conn, _ = listener.accept()
+        header, fds, _, _ = socket.recv_fds(conn, 4, 3)
+        for fd in fds:
+            os.close(fd)
+        size = int.from_bytes(header, "big")
+        while size:
+            size -= len(conn.recv(size))
+        asked.set()
+        time.sleep(2)  # the launcher is signalled meanwhile
+        conn.sendall(f"pid {victim.pid}\n".encode())
+        conn.sendall(f"exit {victim.wait(timeout=60)}\n".encode())
+        conn.close()
+
+    server = threading.Thread(target=slow_server)
+    server.start()
+    env = {**os.environ, forkserver.FORKSERVER_ENV: path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lcnn.launch", "--", "--out-dir", str(tmp_path)],
+        env=env,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert asked.wait(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        victim.kill()
+        server.join(timeout=60)
+    assert "died by SIGTERM" in proc.stderr.read()
 
 
 def test_a_trainer_that_ends_at_once_reports_its_status(tmp_path):
