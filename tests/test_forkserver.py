@@ -251,17 +251,15 @@ except f.ForkServerError as err:
     assert proc.stderr.strip().splitlines()[-1] == "lcnn forkserver: started 0 trainers warm"
 
 
-def test_a_stop_signal_during_the_handshake_reaches_the_trainer(tmp_path):
-    """SIGTERM to the launcher while the server has not yet said which pid it forked (a busy server) must reach
-    the trainer once it has, not vanish: else a preempted or cancelled job trains on to the end."""
-    victim = subprocess.Popen(["sleep", "120"])  # stands in for the forked trainer: it dies of SIGTERM
+def scripted_server(tmp_path: Path, reply) -> tuple[str, threading.Thread]:
+    """A stand-in for the server that reads one request as the server does, then answers it with ``reply(conn)``:
+    the timing of its two lines is the test's to choose."""
     path = str(tmp_path / "socket")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
-    asked = threading.Event()
 
-    def slow_server() -> None:
+    def serve_one() -> None:
         conn, _ = listener.accept()
         header, fds, _, _ = socket.recv_fds(conn, 4, 3)
         for fd in fds:
@@ -269,14 +267,27 @@ def test_a_stop_signal_during_the_handshake_reaches_the_trainer(tmp_path):
         size = int.from_bytes(header, "big")
         while size:
             size -= len(conn.recv(size))
+        reply(conn)
+        conn.close()
+
+    thread = threading.Thread(target=serve_one)
+    thread.start()
+    return path, thread
+
+
+def test_a_stop_signal_during_the_handshake_reaches_the_trainer(tmp_path):
+    """SIGTERM to the launcher while the server has not yet said which pid it forked (a busy server) must reach
+    the trainer once it has, not vanish: else a preempted or cancelled job trains on to the end."""
+    victim = subprocess.Popen(["sleep", "120"])  # stands in for the forked trainer: it dies of SIGTERM
+    asked = threading.Event()
+
+    def slow_reply(conn: socket.socket) -> None:
         asked.set()
         time.sleep(2)  # the launcher is signalled meanwhile
         conn.sendall(f"pid {victim.pid}\n".encode())
         conn.sendall(f"exit {victim.wait(timeout=60)}\n".encode())
-        conn.close()
 
-    server = threading.Thread(target=slow_server)
-    server.start()
+    path, server = scripted_server(tmp_path, slow_reply)
     env = {**os.environ, forkserver.FORKSERVER_ENV: path, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lcnn.launch", "--", "--out-dir", str(tmp_path)],
@@ -297,24 +308,7 @@ def test_a_stop_signal_during_the_handshake_reaches_the_trainer(tmp_path):
 
 def test_a_trainer_that_ends_at_once_reports_its_status(tmp_path):
     """The server's two lines ("pid", then "exit") can arrive together; the launcher must not lose the second."""
-    path = str(tmp_path / "socket")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-
-    def reply_at_once() -> None:
-        conn, _ = listener.accept()
-        header, fds, _, _ = socket.recv_fds(conn, 4, 3)
-        for fd in fds:
-            os.close(fd)
-        size = int.from_bytes(header, "big")
-        while size:  # the whole request, as the server reads it
-            size -= len(conn.recv(size))
-        conn.sendall(b"pid 12345\nexit 75\n")
-        conn.close()
-
-    server = threading.Thread(target=reply_at_once)
-    server.start()
+    path, server = scripted_server(tmp_path, lambda conn: conn.sendall(b"pid 12345\nexit 75\n"))
     proc = forkserver.start(path, "lcnn.train", [], {})
     server.join(timeout=10)
     assert proc.pid == 12345 and proc.wait() == launch.EXIT_PREEMPTED
