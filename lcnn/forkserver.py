@@ -23,6 +23,7 @@ import argparse
 import atexit
 import ctypes
 import importlib
+import io
 import json
 import os
 import runpy
@@ -34,6 +35,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -157,8 +159,14 @@ class _Server:
         """Serve until ``command`` ends; then stop the trainers it left, as a save-and-exit."""
         while command.poll() is None:
             self._step()
-        self.listener.close()  # no new trainers; a launcher still waiting is left by its command, so stop its trainer
-        self.listener = None
+        self.stop_all()
+
+    def stop_all(self) -> None:
+        """Fork no more; stop every trainer as one whose launcher is gone (a launcher still waiting was left by its
+        command), and reap them all."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         for pid, child in self.children.items():
             self._orphan(pid, child)
         while self.children:
@@ -278,10 +286,10 @@ def _become(request: dict[str, Any], fds: list[int], server: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has them
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one sent meanwhile is delivered now
     tempfile.tempdir = None  # found again from the job's TMPDIR
-    sys.stdout.reconfigure(line_buffering=os.isatty(1), write_through=bool(os.environ.get("PYTHONUNBUFFERED")))
-    sys.stderr.reconfigure(line_buffering=True)
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.stdout = _stream(1, sys.stdout, line_buffering=os.isatty(1), unbuffered=unbuffered)
+    sys.stderr = _stream(2, sys.stderr, line_buffering=True, unbuffered=unbuffered)
     if "torch" in sys.modules:  # OpenMP read OMP_NUM_THREADS when the server loaded torch
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     module = request["module"]
@@ -289,6 +297,9 @@ def _become(request: dict[str, Any], fds: list[int], server: int) -> None:
     sys.argv = [module, *request["argv"]]  # runpy puts the module's file first
     code = 0
     try:
+        # a stop signal sent meanwhile is delivered now: before the trainer has its handlers it ends the trainer as
+        # it would end a new process that is still importing (Ctrl-C as KeyboardInterrupt, below)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         code = _exit_code(exc.code)
@@ -302,6 +313,19 @@ def _become(request: dict[str, Any], fds: list[int], server: int) -> None:
         code = 1
     _finish()
     os._exit(code)
+
+
+def _stream(fd: int, old: Any, line_buffering: bool, unbuffered: bool) -> io.TextIOWrapper:
+    """A standard stream on ``fd`` buffered as a new interpreter with the job's environment buffers it."""
+    old.flush()
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(
+        raw if unbuffered else io.BufferedWriter(raw),
+        encoding=old.encoding,
+        errors=old.errors,
+        line_buffering=line_buffering,
+        write_through=unbuffered,
+    )
 
 
 def _check(request: dict[str, Any], fds: list[int]) -> None:
@@ -326,7 +350,8 @@ def _exit_code(code: object) -> int:
 
 
 def _finish() -> None:
-    atexit._run_exitfuncs()  # what the interpreter runs at exit: the loaders' worker cleanup, logging.shutdown
+    threading._shutdown()  # what the interpreter does at exit: wait for non-daemon threads, then the atexit handlers
+    atexit._run_exitfuncs()  # (the loaders' worker cleanup, logging.shutdown)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -364,7 +389,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         listener.bind(path)
         listener.listen(64)  # a launcher that connects during the imports waits in the backlog
         command = subprocess.Popen(list(cfg["command"]), env={**os.environ, FORKSERVER_ENV: path})
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches COMMAND too; serve until it has stopped
+        for sig in (signal.SIGINT, signal.SIGUSR1):  # a group's signal reaches COMMAND too: serve until it stops
+            signal.signal(sig, signal.SIG_IGN)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda sig, _: command.send_signal(sig))
         server = _Server(listener)
@@ -374,9 +400,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             else:
                 listener.close()  # refused: launchers start their trainers the usual way
                 command.wait()
-        except BaseException:  # the server failed: COMMAND's jobs would fall back, but stop it rather than leave it
+        except BaseException:  # the server failed: stop COMMAND, then its trainers (they save), rather than leave them
             command.terminate()
-            command.wait()
+            try:
+                server.stop_all()
+            finally:
+                command.wait()
             raise
     finally:
         if os.getpid() == server_pid:  # never from a trainer's exit (a TemporaryDirectory's finalizer would be)
