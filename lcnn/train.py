@@ -148,6 +148,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 job.accelerator.print(f"[{job.tag}] {why}: diverged")
                 break
             end_epoch(job)
+            if job.progress.epoch < job.stop_at and _stop_requested(job, stop):
+                _exit_preempted(job, stop)  # signalled during validation: its state is saved, start no epoch
     result = finish(job, diverged)
     end_training(job)
     hand_off(job, diverged)  # last: until here a failed job's retry resumes from the saved state
@@ -422,9 +424,7 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
             acc.print(f"[{job.tag}] epoch {epoch + 1} step {prog.step}/{job.steps} loss {running:.4f}")
         bar.update(prog.step - bar.n)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
-        if stop.signum is not None:
-            acc.set_trigger()
-        if acc.check_trigger():
+        if _stop_requested(job, stop):
             _save_and_exit(job, stop, time.perf_counter() - t0)
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -433,12 +433,24 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
     return None
 
 
+def _stop_requested(job: Job, stop: _StopSignal) -> bool:
+    """Whether any rank was signalled to stop (Accelerate's trigger: one all-reduce, so every rank agrees)."""
+    if stop.signum is not None:
+        job.accelerator.set_trigger()
+    return job.accelerator.check_trigger()
+
+
 def _save_and_exit(job: Job, stop: _StopSignal, elapsed: float) -> None:
     """Every rank saves its part of the state, waits until all of it is in place, says where it stopped, exits 75."""
-    prog, acc = job.progress, job.accelerator
+    prog = job.progress
     prog.epoch_acc["seconds"] += elapsed
     prog.train_seconds += elapsed
     save_state(job)
+    _exit_preempted(job, stop)
+
+
+def _exit_preempted(job: Job, stop: _StopSignal) -> None:
+    prog, acc = job.progress, job.accelerator
     why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
     print(
         f"[{job.tag}] rank {acc.process_index}: got {why}: saved state at epoch {prog.epoch + 1} step {prog.step}; "

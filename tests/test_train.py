@@ -323,6 +323,29 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     assert checkpoint.find(tmp_path / "cut") is None  # cleaned up after success
 
 
+def test_a_stop_signal_during_validation_exits_after_the_epochs_save_not_a_check_later(
+    built_data, tmp_path, monkeypatch, capfd
+):
+    """SLURM's SIGTERM that lands while the epoch validates: the epoch's state is saved as usual, and the job exits
+    75 then, instead of training the next epoch up to its first check and saving again (time SLURM's 120 s notice
+    may not leave)."""
+    rc = run_cfg(built_data, tmp_path / "run", log_every=100)  # no check inside an epoch of 7 steps but its last
+    validate = train.evaluate
+
+    def signalled_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", signalled_evaluate)
+    with pytest.raises(SystemExit) as stopped:
+        train.run(rc)
+    assert stopped.value.code == train.EXIT_PREEMPTED
+    meta = checkpoint.read_meta(checkpoint.find(tmp_path / "run"))
+    assert (meta["epoch"], meta["step"]) == (1, 0)  # epoch 1 done, not one step of epoch 2
+    assert "got SIGUSR1: saved state at epoch 2 step 0" in capfd.readouterr().out
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_a_tracker_that_fails_to_close_costs_a_warning_not_the_run(built_data, tmp_path, monkeypatch, capfd):
     """The outputs are written when the trackers close: a failure then must not fail the job (Snakemake would delete
     them, and the freed training state would make the retry start over)."""
