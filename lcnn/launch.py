@@ -6,7 +6,9 @@ multi-process job its own free rendezvous port (two jobs on one node never colli
 signal (a segfault, the OOM killer) it says so as the log's last line, so a retry is never a mystery.
 
 Signals: SLURM (``--signal=TERM@120``, ``scancel``) and a terminal's Ctrl-C signal the whole process group, so the
-trainer receives them itself; the launcher only outlives them to report how the trainer ended.
+trainer receives them itself; the launcher only outlives them to report how the trainer ended. Under
+``python -m lcnn.forkserver`` (``make demo``) a one-process trainer is forked by that server instead, in a process
+group of its own, and the launcher forwards the signals to it.
 """
 
 from __future__ import annotations
