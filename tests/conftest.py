@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,25 @@ def snakemake(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def rule_args(cfg: dict, model: str, variant: str, out_dir: Path, seed: int = 0) -> list[str]:
+    """The trainer's arguments exactly as the train rule passes them: the recipe, then the execution settings."""
+    run, execution = study.run_recipe(cfg, model, variant, seed), study.run_execution(cfg)
+    return ["--run-json", json.dumps(run), "--exec-json", json.dumps(execution), "--out-dir", str(out_dir)]
+
+
+def start_logged(cmd: list[str], env: dict, log: Path, **kw) -> subprocess.Popen:
+    """Start ``cmd`` in the checkout, its output (both streams) in ``log``."""
+    fh = open(log, "w")  # noqa: SIM115 - closed by the OS when the child exits; the test reads the file
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, **kw)
+
+
+def wait_until(ready, proc: subprocess.Popen, log: Path) -> None:
+    """Poll until ``ready()`` while ``proc`` runs; a process that ends first fails the test with its log."""
+    while not ready():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
 
 
 TINY_ARGS = ["--cores", "2", "--configfile", *OVERLAYS]

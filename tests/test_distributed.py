@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO, tiny_config
+from conftest import REPO, rule_args, start_logged, tiny_config, wait_until
 from safetensors.torch import load_file
 
 from lcnn import checkpoint, launch, models, recipe, train
@@ -40,15 +39,7 @@ def job_config(data_root: Path) -> dict:
 
 
 def train_args(cfg: dict, out_dir: Path) -> list[str]:
-    """The trainer's arguments exactly as the train rule passes them: the recipe, then the execution settings."""
-    return [
-        "--run-json",
-        json.dumps(study.run_recipe(cfg, MODEL, VARIANT, 0)),
-        "--exec-json",
-        json.dumps(study.run_execution(cfg)),
-        "--out-dir",
-        str(out_dir),
-    ]
+    return rule_args(cfg, MODEL, VARIANT, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +53,6 @@ def env(tmp_path_factory) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(home), "ACCELERATE_MIXED_PRECISION": "fp16"}
 
 
-def wait_until(ready, proc: subprocess.Popen, log: Path) -> None:
-    """Poll until ``ready()`` while the job runs; a job that ends first fails the test with its log."""
-    while not ready():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.1)
-
-
-def start(cmd: list[str], env: dict, log: Path, **kw) -> subprocess.Popen:
-    fh = open(log, "w")  # noqa: SIM115 - closed by the OS when the child exits; the test reads the file
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, **kw)
-
-
 @pytest.fixture(scope="module")
 def whole(built_data, tmp_path_factory, env) -> dict:
     """An uninterrupted two-process run, its loader and Mixup draws recorded by tests/dist_probe.py."""
@@ -83,7 +62,7 @@ def whole(built_data, tmp_path_factory, env) -> dict:
     cfg = job_config(built_data)
     cmd = launch.command(2, train_args(cfg, out))
     cmd[cmd.index("-m", cmd.index("--standalone")) : cmd.index("lcnn.train") + 1] = [str(REPO / "tests/dist_probe.py")]
-    proc = start(cmd, {**env, "LCNN_PROBE_DIR": str(probe)}, base / "log")
+    proc = start_logged(cmd, {**env, "LCNN_PROBE_DIR": str(probe)}, base / "log")
     assert proc.wait(timeout=600) == 0, (base / "log").read_text()[-3000:]
     return {"cfg": cfg, "out": out, "probe": probe, "log": (base / "log").read_text()}
 
@@ -147,7 +126,7 @@ def test_sigusr1_stops_every_rank_at_one_step_and_the_retry_ends_like_an_uninter
     cfg, out = whole["cfg"], tmp_path / "run"
     cmd = [sys.executable, "-m", "lcnn.launch", "--nproc", "2", "--", *train_args(cfg, out)]
     log = tmp_path / "log"
-    proc = start(cmd, env, log, start_new_session=True)  # its own process group, signalled like SLURM does
+    proc = start_logged(cmd, env, log, start_new_session=True)  # its own process group, signalled like SLURM does
     wait_until(lambda: "epoch 1 step 3/7" in log.read_text(), proc, log)
     os.killpg(proc.pid, signal.SIGUSR1)
     assert proc.wait(timeout=300) == launch.EXIT_PREEMPTED  # as a one-process job, though torchrun reports 1
@@ -160,7 +139,7 @@ def test_sigusr1_stops_every_rank_at_one_step_and_the_retry_ends_like_an_uninter
     assert state is not None and {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}
     assert not (out / "metrics.json").exists()
 
-    retry = start(cmd, env, tmp_path / "retry.log")
+    retry = start_logged(cmd, env, tmp_path / "retry.log")
     assert retry.wait(timeout=600) == 0, (tmp_path / "retry.log").read_text()[-3000:]
     assert "resuming at epoch 1 step" in (tmp_path / "retry.log").read_text()
     a, b = load_file(str(whole["out"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
@@ -176,7 +155,9 @@ def test_a_resume_with_another_process_count_is_refused_in_one_line(whole, tmp_p
     out, cfg = tmp_path / "run", whole["cfg"]
     args = train_args(cfg, out)
     log = tmp_path / "log"
-    proc = start([sys.executable, "-m", "lcnn.launch", "--nproc", "2", "--", *args], env, log, start_new_session=True)
+    proc = start_logged(
+        [sys.executable, "-m", "lcnn.launch", "--nproc", "2", "--", *args], env, log, start_new_session=True
+    )
     wait_until(lambda: checkpoint.find(out) is not None, proc, log)  # epoch 1's state
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=300)
@@ -194,7 +175,7 @@ def test_killed_trainer_is_named_in_the_last_log_line(built_data, tmp_path, env)
     cfg = job_config(built_data)
     cfg["train"].update(gpus_per_job=1, num_workers=0)  # an orphaned loader worker would write after the launcher
     log = tmp_path / "log"
-    proc = start([sys.executable, "-m", "lcnn.launch", "--", *train_args(cfg, tmp_path / "run")], env, log)
+    proc = start_logged([sys.executable, "-m", "lcnn.launch", "--", *train_args(cfg, tmp_path / "run")], env, log)
     wait_until(lambda: "epoch 1 step 2/" in log.read_text(), proc, log)
     (child,) = (int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
     os.kill(child, signal.SIGSEGV)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, tiny_config
+from conftest import REPO, rule_args, start_logged, tiny_config, wait_until
 from safetensors.torch import load_file
 
 from lcnn import checkpoint, forkserver, launch
@@ -33,20 +33,8 @@ MODEL = "mobilenetv3_l"
 SERVER = [sys.executable, "-m", "lcnn.forkserver", "--"]
 
 
-def train_args(cfg: dict, out_dir: Path) -> list[str]:
-    """The trainer's arguments as the train rule passes them."""
-    return [
-        "--run-json",
-        json.dumps(study.run_recipe(cfg, MODEL, study.BASELINE, 0)),
-        "--exec-json",
-        json.dumps(study.run_execution(cfg)),
-        "--out-dir",
-        str(out_dir),
-    ]
-
-
 def launcher(cfg: dict, out_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "lcnn.launch", "--nproc", "1", "--", *train_args(cfg, out_dir)]
+    return [sys.executable, "-m", "lcnn.launch", "--nproc", "1", "--", *rule_args(cfg, MODEL, study.BASELINE, out_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +46,7 @@ def cfg(built_data) -> dict:
 
 
 def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
-    fh = open(log, "w")  # noqa: SIM115 - closed by the OS when the child exits; the test reads the file
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
-
-
-def wait_until(ready, proc: subprocess.Popen, log: Path) -> None:
-    while not ready():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.1)
+    return start_logged(cmd, {**os.environ, "OMP_NUM_THREADS": "1", **env}, log)
 
 
 def children(pid: int) -> list[int]:
