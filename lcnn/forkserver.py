@@ -61,18 +61,16 @@ class ForkServerError(OSError):
 class RemoteProcess:
     """A trainer forked by the server: ``pid``, ``send_signal`` and ``wait`` as for a ``subprocess.Popen``.
 
-    It is not this process's child, so it is held by a pidfd where Linux has them: a signal never reaches another
-    process that reused the pid, and when the server is lost, :meth:`wait` still waits for the trainer to end.
+    It is not this process's child, so it is held by a pidfd where Linux has them, the one the server opened before
+    it could reap the trainer: a signal never reaches another process that reused the pid, and when the server is
+    lost, :meth:`wait` still waits for the trainer to end.
     """
 
-    def __init__(self, sock: socket.socket, reader: Any, pid: int):
+    def __init__(self, sock: socket.socket, reader: Any, pid: int, pidfd: int | None = None):
         self.pid = pid
         self.returncode: int | None = None
         self._sock, self._reader = sock, reader  # one reader: its buffer may already hold the exit line
-        try:
-            self._pidfd: int | None = os.pidfd_open(pid)
-        except (AttributeError, OSError):  # no pidfd (not Linux 5.3+), or it has ended already
-            self._pidfd = None
+        self._pidfd = pidfd if pidfd is not None else _pidfd_open(pid)
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -126,15 +124,41 @@ def start(path: str, module: str, argv: Sequence[str], env: dict[str, str]) -> R
         sock.connect(path)
         socket.send_fds(sock, [_HEADER.pack(len(body))], [0, 1, 2])
         sock.sendall(body)
-        reader = sock.makefile("r", encoding="utf-8")
-        reply = reader.readline()
+        reply, pidfds = _first_line(sock)
     except OSError as err:
         sock.close()
         raise ForkServerError(f"cannot reach the fork server at {path}: {err}") from err
     if not reply.startswith("pid "):
+        for fd in pidfds:
+            os.close(fd)
         sock.close()
         raise ForkServerError(f"the fork server at {path} did not start {module}: {reply.strip() or 'no reply'}")
-    return RemoteProcess(sock, reader, int(reply.split()[1]))
+    for fd in pidfds[1:]:
+        os.close(fd)
+    reader = sock.makefile("r", encoding="utf-8")
+    return RemoteProcess(sock, reader, int(reply.split()[1]), pidfds[0] if pidfds else None)
+
+
+def _first_line(sock: socket.socket) -> tuple[str, list[int]]:
+    """The server's first line and the descriptors sent with it (the trainer's pidfd), a byte at a time: what
+    follows the line (the exit line) stays in the socket for the reader made next."""
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        byte, got, _, _ = socket.recv_fds(sock, 1, 1)
+        for fd in got:
+            os.set_inheritable(fd, False)  # received descriptors arrive inheritable
+        fds += got
+        if not byte:
+            break
+        data += byte
+    return data.decode("utf-8", "replace"), fds
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+), or it has ended already
+        return None
 
 
 def _umask() -> int:
@@ -244,10 +268,16 @@ class _Server:
                 os.close(fd)
         self.children[pid] = child = _Child(conn)
         self.started += 1
+        # with the pid, a pidfd of the trainer, opened while it is an unreaped child of this process: its pid cannot
+        # have been reused yet, so the launcher's signals reach the trainer and nothing else
+        pidfd = _pidfd_open(pid)
         try:
-            conn.sendall(f"pid {pid}\n".encode())
+            socket.send_fds(conn, [f"pid {pid}\n".encode()], [pidfd] if pidfd is not None else [])
         except OSError:  # its launcher is already gone
             self._orphan(pid, child)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     def _fork(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> int:
         for stream in (sys.stdout, sys.stderr):

@@ -294,6 +294,33 @@ def test_a_trainer_that_ends_at_once_reports_its_status(tmp_path):
     assert proc.pid == 12345 and proc.wait() == launch.EXIT_PREEMPTED
 
 
+def test_the_launcher_signals_the_process_the_server_forked_even_if_its_pid_now_names_another(tmp_path):
+    """The server sends a pidfd with the pid, opened before it could reap the trainer: a signal goes to the trainer
+    it names, never to a process that reused the pid. Here the pid line names a bystander, as a reused pid would."""
+    trainer, bystander = subprocess.Popen(["sleep", "120"]), subprocess.Popen(["sleep", "120"])
+
+    def reply(conn: socket.socket) -> None:
+        pidfd = os.pidfd_open(trainer.pid)
+        socket.send_fds(conn, [f"pid {bystander.pid}\n".encode()], [pidfd])
+        os.close(pidfd)
+        try:
+            code = trainer.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # the signal went elsewhere: say the trainer ended well, to fail the test
+            code = 0
+        conn.sendall(f"exit {code}\n".encode())
+
+    path, server = scripted_server(tmp_path, reply)
+    try:
+        proc = forkserver.start(path, "lcnn.train", [], {})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == -signal.SIGTERM
+        assert trainer.returncode == -signal.SIGTERM and bystander.poll() is None
+    finally:
+        trainer.kill()
+        bystander.kill()
+        server.join(timeout=60)
+
+
 @pytest.mark.parametrize(("command", "message"), [([], "no command"), (["--", "no-such-tool"], "cannot run")])
 def test_no_command_is_a_one_line_usage_error(command, message):
     proc = subprocess.run([*SERVER[:-1], *command], cwd=REPO, capture_output=True, text=True, timeout=60)
