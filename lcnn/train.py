@@ -52,6 +52,7 @@ from lcnn.utils import (
 # fp16: a GradScaler scale below this means even the unscaled gradients overflow, step after step, while the loss
 # stays finite and the skipped steps learn nothing (fairseq's --min-loss-scale default; its error reads the same)
 MIN_LOSS_SCALE = 1e-4
+ACCELERATE_KEPT = {"ACCELERATE_LOG_LEVEL"}  # Accelerate's variables a job may take from its environment (logging)
 
 
 class Progress:
@@ -238,6 +239,12 @@ def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
     if device == "cuda":
         torch.backends.cudnn.benchmark = not tcfg.get("deterministic")
     trackers = tracking.trackers(cfg)  # an uninstalled tracker stops here, in one line, before any training
+    # Accelerate reads ACCELERATE_* variables wherever no argument overrides them (ACCELERATE_USE_CPU moves a GPU
+    # job to the CPU, ACCELERATE_GRADIENT_ACCUMULATION_STEPS divides every loss): sbatch exports the login shell's
+    # environment to every job, so they are dropped here and a job takes its settings from its config alone
+    ignored = sorted(k for k in os.environ if k.startswith("ACCELERATE_") and k not in ACCELERATE_KEPT)
+    for key in ignored:
+        del os.environ[key]
     # Accelerate keeps one state per process; a second run() in it (tools, tests) may ask for another precision.
     # The process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -246,11 +253,20 @@ def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
         log_with=trackers or None,
         mixed_precision=precision,
         cpu=device == "cpu",
+        gradient_accumulation_steps=1,  # the loop steps on every batch
         dynamo_backend="no",  # explicit: ACCELERATE_* variables and config files never change a study's job
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=cfg["seed"], non_blocking=device == "cuda"
         ),
     )
+    if ignored:
+        accelerator.print(f"lcnn train: ignoring {', '.join(ignored)}: a job's settings come from its config")
+    got = (accelerator.device.type, accelerator.mixed_precision, accelerator.gradient_accumulation_steps)
+    if got != (device, precision, 1):
+        raise LcnnError(
+            f"Accelerate set up {got[0]}, precision {got[1]}, gradient accumulation {got[2]} for a job asking for "
+            f"{device}, precision {precision}, none; unset what overrides it (an Accelerate plugin or variable)"
+        )
     expected = int(tcfg.get("gpus_per_job", 1))
     if accelerator.num_processes != expected:
         raise LcnnError(

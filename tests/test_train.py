@@ -436,6 +436,22 @@ def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
         train.run(rc)
 
 
+def test_accelerate_variables_in_the_jobs_environment_change_nothing(built_data, tmp_path, monkeypatch, capsys):
+    """sbatch exports the login shell's environment: an ACCELERATE_* variable there must not reach a job. Accelerate
+    divides every loss by ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which the loop (stepping every batch) would turn
+    into a learning rate divided by it; ACCELERATE_USE_CPU would move a GPU job to the CPU."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    monkeypatch.setenv("ACCELERATE_LOG_LEVEL", "warning")  # logging only: kept
+    accelerator, device = train.make_accelerator(run_cfg(built_data, tmp_path, precision="no"))
+    assert (device, accelerator.mixed_precision, accelerator.gradient_accumulation_steps) == ("cpu", "no", 1)
+    layer = torch.nn.Linear(3, 1)
+    accelerator.backward(layer(torch.ones(1, 3)).sum())
+    assert torch.equal(layer.weight.grad, torch.ones(1, 3))  # the loss's own gradient, not a quarter of it
+    ignored = "ignoring ACCELERATE_GRADIENT_ACCUMULATION_STEPS, ACCELERATE_MIXED_PRECISION"
+    assert ignored in capsys.readouterr().out and os.environ["ACCELERATE_LOG_LEVEL"] == "warning"
+
+
 def host_reads(rc) -> list[int]:
     """Train ``rc`` and return the step of every host read (``item``, ``cpu``, ``bool``, ``float``, ...) the
     training step made, with the GPU check's own probe (reads inside the data loader are not counted)."""
