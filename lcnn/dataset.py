@@ -75,6 +75,22 @@ class ManifestDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.labels[index]
 
 
+def fingerprint(root: str | os.PathLike) -> str:
+    """What a prepared subset holds, cheaply: a digest of its manifests and of the settings that prepared its images
+    (``prepare_report.json``'s ``config``: an image size changes the files, not the manifests), where they are, not
+    where they were copied from or to."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for name in TOP_FILES:
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
+    report = root / "prepare_report.json"
+    if report.is_file():
+        settings = json.loads(report.read_text()).get("config") or {}
+        kept = {k: v for k, v in settings.items() if k not in ("root", "stage_to", "imagenet")}  # locations
+        digest.update(json.dumps(kept, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------------------- staging
 def _expected(root: Path) -> tuple[str, dict[str, int]]:
     """A digest of the manifests and the size of every file a staged copy must hold (from the source root)."""

@@ -33,7 +33,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from lcnn import checkpoint, devices, models, tracking
+from lcnn import checkpoint, dataset, devices, models, tracking
 from lcnn.config import RECIPE_TRAIN_KEYS, merge_run
 from lcnn.launch import EXIT_PREEMPTED, STOP_SIGNALS, note_preempted
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
@@ -122,6 +122,7 @@ class Job:
     steps: int
     epochs: int
     stop_at: int
+    data: str  # the prepared subset's fingerprint (lcnn.dataset.fingerprint): a state resumes on the same data only
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -215,6 +216,7 @@ def setup(cfg: dict[str, Any]) -> Job:
         steps=steps,
         epochs=epochs,
         stop_at=stop_at,
+        data=dataset.fingerprint(cfg["data_root"]),
     )
     if accelerator.log_with:  # the tracker instances make_accelerator handed over
         if "mlflow" in tcfg.get("log_with", []) and accelerator.is_main_process:
@@ -287,6 +289,9 @@ def identity(job: Job) -> dict[str, Any]:
         "hparams": cfg["hparams"],
         "recipe_train": {k: cfg["train"].get(k) for k in RECIPE_TRAIN_KEYS},
         "num_processes": job.accelerator.num_processes,
+        # the schedule's length comes from the steps per epoch, and a resume loads it with the state
+        "steps_per_epoch": job.steps,
+        "data": job.data,
     }
 
 

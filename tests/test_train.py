@@ -307,6 +307,13 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     changed = {**cut, "hparams": {**cut["hparams"], "lr_base": cut["hparams"]["lr_base"] * 2}}
     with pytest.raises(LcnnError, match="trained with other settings .*lr_base.*delete .*train_state"):
         train.run(changed)  # an edited variant never resumes from the old recipe's state
+    # nor a state trained on other data: here the same manifests, their images prepared at another size
+    other = shutil.copytree(built_data, tmp_path / "other_data", symlinks=True)
+    report = json.loads((other / "prepare_report.json").read_text())
+    report["config"]["short_side"] += 8
+    (other / "prepare_report.json").write_text(json.dumps(report))
+    with pytest.raises(LcnnError, match="trained with other settings .*data '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+        train.run({**cut, "data_root": str(other)})
     resumed = train_subprocess(cut)
     log = resumed.stdout.read()
     assert resumed.wait(timeout=600) == 0, log
