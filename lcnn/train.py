@@ -52,6 +52,9 @@ from lcnn.utils import (
 # fp16: a GradScaler scale below this means even the unscaled gradients overflow, step after step, while the loss
 # stays finite and the skipped steps learn nothing (fairseq's --min-loss-scale default; its error reads the same)
 MIN_LOSS_SCALE = 1e-4
+# a training epoch whose step waited on the loader for more than this share of its time is loader-bound: the GPU
+# idles for it, so the epoch line says so and metrics.json records the share (more loader workers, or staging fix it)
+DATA_WAIT_WARN = 0.10
 ACCELERATE_KEPT = {"ACCELERATE_LOG_LEVEL"}  # Accelerate's variables a job may take from its environment (logging)
 
 
@@ -65,7 +68,7 @@ class Progress:
 
     @staticmethod
     def fresh_acc() -> dict[str, float]:
-        return {"seen": 0, "loss_sum": 0.0, "n_loss": 0, "seconds": 0.0}
+        return {"seen": 0, "loss_sum": 0.0, "n_loss": 0, "seconds": 0.0, "data_wait": 0.0}
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -406,7 +409,7 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
     # a progress bar on a terminal; plain lines in a log file
     interactive = acc.is_main_process and sys.stdout.isatty()
     bar = tqdm(total=job.steps, initial=prog.step, desc=f"epoch {epoch + 1}", leave=False, disable=not interactive)
-    for images, targets in loader:
+    for images, targets in _timed(loader, totals):
         if prog.step >= job.steps:
             break
         images = job.on_device(images, train=True)
@@ -452,6 +455,21 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
     totals["seconds"] += elapsed
     prog.train_seconds += elapsed
     return None
+
+
+def _timed(loader: Any, totals: dict[str, float]) -> Any:
+    """``loader``'s batches, adding the time the step waited for each to ``totals["data_wait"]`` (timm's
+    ``data_time``): the step queues its GPU work without waiting, so a wait here is time the GPU may idle."""
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            totals["data_wait"] = totals.get("data_wait", 0.0) + time.perf_counter() - t0
+        yield batch
 
 
 def _stop_requested(job: Job, stop: _StopSignal) -> bool:
@@ -512,6 +530,7 @@ def end_epoch(job: Job) -> None:
         "lr": job.optimizer.param_groups[0]["lr"],
         "images_per_s": totals["seen"] / seconds if seconds > 0 else float("nan"),
         "seconds": seconds,
+        "data_wait_s": totals.get("data_wait", 0.0),  # of ``seconds``: the step waiting for the loader
     }
     prog.history.append(row)
     job.accelerator.log(
@@ -528,9 +547,16 @@ def end_epoch(job: Job) -> None:
     prog.epoch, prog.step, prog.epoch_acc = epoch + 1, 0, Progress.fresh_acc()
     if job.scheduler is not None:
         job.scheduler.step(epoch + 1)
+    waited = row["data_wait_s"] / seconds if seconds > 0 else 0.0
     job.accelerator.print(
         f"[{job.tag}] epoch {epoch + 1}/{job.epochs} loss {row['train_loss']:.4f} val top1 {row['top1']:.2f} "
-        f"top5 {row['top5']:.2f} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s {seconds:.1f}s"
+        f"top5 {row['top5']:.2f} lr {row['lr']:.3g} {row['images_per_s']:.0f} img/s {seconds:.1f}s "
+        f"(loader wait {waited:.0%})"
+        + (
+            "; loader-bound: raise train.num_workers (and CPUs per GPU) or set data.stage_to (README, Data path)"
+            if waited > DATA_WAIT_WARN and epoch > 0  # the first epoch also waits for its workers to start
+            else ""
+        )
     )
     if prog.epoch < job.epochs:
         save_state(job)
@@ -622,6 +648,8 @@ def finish(job: Job, diverged: dict[str, int] | None) -> dict[str, Any]:
         "val_images": _dataset_size(cfg, "val"),
         "train_seconds": prog.train_seconds,
         "val_seconds": prog.val_seconds,
+        # the share of training time the step waited for the loader, past the first epoch's worker start
+        "data_wait_fraction": _data_wait_fraction(history),
         "device": env["device_name"],
         "device_type": acc.device.type,
         "num_devices": acc.num_processes,
@@ -651,6 +679,12 @@ def finish(job: Job, diverged: dict[str, int] | None) -> dict[str, Any]:
     return metrics
 
 
+def _data_wait_fraction(history: list[dict[str, Any]]) -> float | None:
+    rows = history[1:] or history
+    seconds = sum(r["seconds"] for r in rows)
+    return sum(r.get("data_wait_s", 0.0) for r in rows) / seconds if seconds > 0 else None
+
+
 def hand_off(job: Job, diverged: dict[str, int] | None) -> None:
     """A halving rung that stopped early hands its state on; a finished run frees it (unless keep_checkpoint)."""
     cfg, acc = job.cfg, job.accelerator
@@ -666,7 +700,7 @@ def hand_off(job: Job, diverged: dict[str, int] | None) -> None:
             checkpoint.remove(cfg["init_state"])
 
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s", "seconds", "data_wait_s"]
 
 
 def _history_csv(history: list[dict[str, Any]]) -> str:

@@ -434,6 +434,26 @@ def test_divergent_variant_stops_early_and_says_so(built_data, tmp_path):
     assert metrics["top1"] is None  # never reported as a zero-accuracy run
 
 
+def test_a_slow_loader_shows_as_loader_wait_in_the_log_history_and_metrics(built_data, tmp_path, monkeypatch, capfd):
+    """Time the step spends waiting for its batch is time a GPU idles: every epoch measures it, and past the first
+    a loader-bound epoch says so on its line. Here each image takes 20 ms more to load."""
+    load = dataset.ManifestDataset.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.02)
+        return load(self, index)
+
+    monkeypatch.setattr(dataset.ManifestDataset, "__getitem__", slow)
+    metrics = train.run(run_cfg(built_data, tmp_path, model="mobilenetv3_l", num_workers=0))
+    history = pd.read_csv(tmp_path / "history.csv")
+    slept = metrics["train_images"] * 0.02  # every image of the epoch, loaded in this process while the step waited
+    assert (history["data_wait_s"] >= slept).all() and (history["data_wait_s"] < 0.8 * history["seconds"]).all()
+    assert metrics["data_wait_fraction"] == pytest.approx(history["data_wait_s"][1] / history["seconds"][1])
+    epoch_lines = [line for line in capfd.readouterr().out.splitlines() if "loader wait" in line]
+    assert len(epoch_lines) == 2 and "loader-bound" not in epoch_lines[0]  # the first epoch also starts workers
+    assert "loader-bound: raise train.num_workers" in epoch_lines[1]
+
+
 def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
     with pytest.raises(LcnnError, match="fp16 but there is no GPU, and the CPU has no fast fp16 kernels; use bf16"):
         train.run(run_cfg(built_data, tmp_path, precision="fp16"))
