@@ -1,6 +1,8 @@
 """The claims table: each headline claim of the study next to what this run measured, with its verdict.
 
-A gain claim holds only when the gain is in the claimed range and beyond seed-to-seed noise. A latency or
+A gain claim holds only when the gain is in the claimed range and beyond seed-to-seed noise, also after the
+Bonferroni correction over the model's variants (the best of many gains is inflated), and only for a variant
+whose every seed finished: one that lost seeds reads "unclear (1/3 diverged)". A latency or
 throughput claim was made under conditions (``report.claim_img_size`` px on a ``report.claim_device`` such as
 an L40S GPU): a benchmark at another resolution or on another device can say what it measured, but it can
 neither make the claim hold nor refute it, so its verdict reads "not comparable (32 px, CPU)".
@@ -54,22 +56,33 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, lo: float, hi: float) -
             rows[-1] |= {"holds": "n/a", "note": "needs successful baseline and variant runs"}
             continue
         g, sig = float(b["gain"]), b["significant"]
+        n, n_runs = int(b["n"]), int(b.get("n_runs", b["n"] + b.get("n_diverged", 0)))
         ci = f"95% CI [{num(b['gain_ci_lo'])}, {num(b['gain_ci_hi'])}]" if sig != "n/a" else "CI n/a"
-        measured = f"best {b['best_variant']} ({b['axis']}): {g:+.2f} pts, {ci}, n={b['n']} vs {b['n_baseline']}"
+        seeds = f"n={n}" + (f" of {n_runs} ({n_runs - n} diverged)" if n < n_runs else "")
+        measured = f"best {b['best_variant']} ({b['axis']}): {g:+.2f} pts, {ci}, {seeds} vs {b['n_baseline']}"
         in_range = lo <= g <= hi
         beyond = "n/a" if sig == "n/a" else yn(float(b["gain_ci_lo"]) > 0)
-        if beyond == "n/a":
+        corrected = b["significant_corrected"] == "yes"
+        if beyond == "n/a" and min(n, int(b["n_baseline"])) >= 2:  # two seeds a side, every one alike
+            note = "no spread on either side: seed noise unmeasurable, so the gain cannot be called real"
+        elif beyond == "n/a":
             note = "one seed on a side: seed noise unknown, so the gain cannot be called real"
         elif float(b["gain_ci_hi"]) < 0:  # the whole CI below 0: a real loss, not noise
             beyond = "no (a loss)"
             note = "the CI lies below 0: the best variant loses top-1 beyond seed-to-seed noise"
         elif beyond == "no":
             note = "the CI includes 0: the gain is within seed-to-seed noise"
-        elif b["significant_corrected"] != "yes":
+        elif not corrected:  # the best of many variants: its uncorrected CI excludes 0 by chance too often
             note = f"not significant after Bonferroni correction over {b['n_compared']} variants (best-of-many)"
         else:
             note = ""
-        holds = yn(in_range and beyond == "yes")
+        holds = yn(in_range and beyond == "yes" and corrected)
+        if n < n_runs:  # its mean leaves out the seeds that blew up: the gain is not shown to be robust
+            lost = f"{n_runs - n}/{n_runs} diverged"
+            holds = f"unclear ({lost})" if holds == "yes" else holds
+            note = "; ".join(filter(None, [note, f"{n_runs - n} of {n_runs} seeds of {b['best_variant']} diverged"]))
+        if b.get("excluded_variants"):
+            note = "; ".join(filter(None, [note, f"ranked without variants that lost seeds: {b['excluded_variants']}"]))
         row |= {"measured": measured, "in_range": yn(in_range), "beyond_seed_noise": beyond, "holds": holds}
         rows.append(row | {"note": note})
     return rows

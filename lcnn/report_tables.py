@@ -81,38 +81,57 @@ def gains_table(
             elif len(ok) == 0:
                 note = "all runs diverged"
             elif g["significant"] is None:
-                note = "fewer than 2 seeds on a side: no CI, noise unknown"
+                note = f"no CI: seed noise {g['noise']}"
             else:
                 note = ""
             rows.append(
-                {"model": model, "variant": variant, "axis": grp["axis"].iloc[0], "n": g["n"]}
+                {"model": model, "variant": variant, "axis": grp["axis"].iloc[0], "n": g["n"], "n_runs": len(grp)}
                 | {"n_baseline": g["n_baseline"], "n_diverged": int((grp["status"] == "diverged").sum())}
                 | {"baseline_top1": mean_ci(base)["mean"], "top1_mean": mean_ci(ok["top1"])["mean"]}
                 | {"gain": g["gain"], "gain_ci_lo": g["ci_lo"], "gain_ci_hi": g["ci_hi"], "welch_df": g["df"]}
                 | {"significant": yn(g["significant"]), "significant_corrected": yn(gc["significant"])}
                 | {"n_compared": max(len(variants), (searched or {}).get(model, 0)), "note": note}
             )
-    cols = ["model", "variant", "axis", "n", "n_baseline", "n_diverged", "baseline_top1", "top1_mean", "gain"]
+    cols = ["model", "variant", "axis", "n", "n_runs", "n_baseline", "n_diverged", "baseline_top1", "top1_mean"]
+    cols += ["gain"]
     cols += ["gain_ci_lo", "gain_ci_hi", "welch_df", "significant", "significant_corrected", "n_compared", "note"]
     return pd.DataFrame(rows, columns=cols)
 
 
+def _lost_seeds(row: Any) -> str:
+    """E.g. "adamw (1/3 seeds diverged; +3.50 on the rest)": a variant left out of the ranking, and why."""
+    lost = f"{int(row['n_runs'] - row['n'])}/{int(row['n_runs'])} seeds diverged"
+    return f"{row['variant']} ({lost}; {row['gain']:+.2f} on the rest)"
+
+
 def _best(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The variant with the highest mean gain per group, ranked among the variants whose every seed finished.
+
+    A variant that lost seeds (diverged) is averaged over the seeds that survived, which flatters it: the seeds
+    that blew up are often the ones that would have scored low. It is ranked only where no variant of its group
+    kept every seed, and ``excluded_variants`` names the variants left out of the ranking.
+    """
     cols = keys + ["best_variant"] + [c for c in df.columns if c not in ("model", "variant", "note", *keys)]
+    cols += ["excluded_variants"]
     rows = []
     for key, grp in df.groupby(keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         usable = grp[grp["gain"].notna()]
         if usable.empty:
-            rows.append(dict(zip(keys, key, strict=True)) | {"best_variant": "n/a"})
+            rows.append(dict(zip(keys, key, strict=True)) | {"best_variant": "n/a", "excluded_variants": ""})
             continue
-        top = usable.sort_values(["gain", "variant"], ascending=[False, True]).iloc[0]
-        rows.append(top.drop(["variant", "note"]).to_dict() | {"best_variant": top["variant"]})
+        complete = usable["n"] == usable["n_runs"]
+        ranked, excluded = (usable[complete], usable[~complete]) if complete.any() else (usable, usable.iloc[:0])
+        top = ranked.sort_values(["gain", "variant"], ascending=[False, True]).iloc[0]
+        left_out = "; ".join(_lost_seeds(r) for _, r in excluded.sort_values("variant").iterrows())
+        rows.append(
+            top.drop(["variant", "note"]).to_dict() | {"best_variant": top["variant"]} | {"excluded_variants": left_out}
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
 def best_tables(gains: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Best variant (highest mean gain) per model, and per model x axis."""
+    """Best variant (highest mean gain among those that kept every seed) per model, and per model x axis."""
     return _best(gains, ["model"]), _best(gains, ["model", "axis"])
 
 
@@ -174,7 +193,8 @@ def models_table(
         info = bench_models[bench_models["model"] == model]
         info = info.iloc[0].to_dict() if len(info) else {}
         base = a[a["variant"] == baseline]["top1_mean"]
-        top = a.sort_values(["top1_mean", "variant"], ascending=[False, True]).head(1)
+        whole = a[a["n_ok"] == a["n_runs"]]  # as in _best: a variant that lost seeds ranks only if all did
+        top = (whole if len(whole) else a).sort_values(["top1_mean", "variant"], ascending=[False, True]).head(1)
         row = {"model": model, "timm_name": info.get("timm_name"), "device": info.get("device", "n/a")}
         row |= {"device_class": info.get("device_class", "n/a"), "bench_img_size": info.get("img_size")}
         params = info.get("params")

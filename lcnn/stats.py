@@ -15,6 +15,7 @@ from scipy import stats as sps
 
 PERCENT = (0.0, 100.0)  # where an accuracy in % can lie
 PERCENT_GAIN = (-100.0, 100.0)  # where a difference of two of them can lie
+NOISE_UNMEASURABLE = "unmeasurable: no spread on either side (every seed gave the same top-1)"
 
 
 def finite(values: Any) -> list[float]:
@@ -66,29 +67,29 @@ def welch_gain(
 ) -> dict[str, Any]:
     """Gain ``mean(variant) - mean(baseline)`` with Welch's (unequal-variance) t interval, from SciPy.
 
-    ``significant`` is True/False when the CI excludes/includes 0, and None when it cannot be computed (fewer
-    than two finite values on a side). Zero spread on both sides gives a zero-width CI, where SciPy gives NaN.
+    ``significant`` is True/False when the CI excludes/includes 0, and None when it cannot be computed: fewer
+    than two finite values on a side, or no spread on either side (every seed of both gave the same top-1, as a
+    small validation set's coarse accuracy steps can). Zero spread measures no noise, it does not show there is
+    none, so that case has no CI either and ``noise`` says why (None when the CI was computed).
     ``bounds`` (e.g. ``PERCENT_GAIN``) clips the interval as in ``mean_ci``; significance is decided before.
     """
     a, b = finite(variant), finite(baseline)
     nan = math.nan
     out: dict[str, Any] = {"gain": nan, "ci_lo": nan, "ci_hi": nan, "df": nan, "significant": None}
-    out |= {"n": len(a), "n_baseline": len(b)}
+    out |= {"n": len(a), "n_baseline": len(b), "noise": "unknown: fewer than 2 seeds on a side"}
     if not a or not b:
         return out
     out["gain"] = float(np.mean(a) - np.mean(b))
     if len(a) < 2 or len(b) < 2:
         return out
     if np.var(a) == 0 and np.var(b) == 0:
-        lo = hi = out["gain"]
-        df = float(len(a) + len(b) - 2)
-    else:
-        res = sps.ttest_ind(a, b, equal_var=False)
-        ci = res.confidence_interval(confidence)
-        lo, hi, df = float(ci.low), float(ci.high), float(res.df)
+        return out | {"noise": NOISE_UNMEASURABLE}
+    res = sps.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(confidence)
+    lo, hi, df = float(ci.low), float(ci.high), float(res.df)
     significant = bool(lo > 0 or hi < 0)
     lo, hi = _clip(lo, hi, bounds)
-    return out | {"ci_lo": lo, "ci_hi": hi, "df": df, "significant": significant}
+    return out | {"ci_lo": lo, "ci_hi": hi, "df": df, "significant": significant, "noise": None}
 
 
 def bonferroni(confidence: float, comparisons: int) -> float:
