@@ -15,6 +15,7 @@ import pandas as pd
 from lcnn.utils import LcnnError, read_json
 
 EQUIVALENCE_TOL = 1e-2  # a deployment form whose outputs differ more than this from eager is not an honest speed-up
+INT8_MAX_TOP1_CHANGE = 0.5  # points of top-1 an int8 form may move and still back a claim (the README's int8 goal)
 LATENCY_FIELDS = ("form", "engine", "device", "precision", "channels_last", "batch_size", "status", "error")
 LATENCY_FIELDS += ("latency_ms_p50", "latency_ms_p99", "throughput_ips")
 RUN_FIELDS = ("seed", "status", "top1", "top5", "best_top1", "best_epoch", "epochs", "epochs_completed")
@@ -93,6 +94,17 @@ def _equivalent(checks: dict, form: str, tol: float) -> bool:
     return diff is None or float(diff) <= tol
 
 
+def _int8_admitted(checks: dict, form: str, tol: float) -> bool:
+    """Whether an int8 form (``onnx_int8_static``, ...) may back a claim: int8 changes results, so it is judged by
+    what it did to top-1 on validation images, which must be recorded and within INT8_MAX_TOP1_CHANGE points (in
+    either direction), with its agreement with fp32 recorded too. Without a validation manifest there is no top-1
+    change, so the form is shown but never backs a claim; nor does it when the fp32 export it came from failed."""
+    change, agreement = checks.get(f"{form}_top1_change"), checks.get(f"{form}_fp32_top1_agreement")
+    if change is None or agreement is None or not _equivalent(checks, "onnx", tol):
+        return False
+    return abs(float(change)) <= INT8_MAX_TOP1_CHANGE  # False for NaN
+
+
 def load_benchmarks(paths: list[str], tol: float = EQUIVALENCE_TOL) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All benchmark rows (with the device named) and one row per model: size, resolution, main device."""
     rows, models = [], []
@@ -105,6 +117,8 @@ def load_benchmarks(paths: list[str], tol: float = EQUIVALENCE_TOL) -> tuple[pd.
         all_devs = torch_devs or [r.get("device") for r in bench["rows"]]
         main = Counter(all_devs).most_common(1)[0][0] if all_devs else None
         bad_forms = {form for form in ("reparam", "onnx") if not _equivalent(checks, form, tol)}
+        int8 = {str(r.get("form")) for r in bench["rows"] if str(r.get("form")).startswith("onnx_int8_")}
+        bad_forms |= {form for form in int8 if not _int8_admitted(checks, form, tol)}
         models.append(
             {"model": bench["model"], "timm_name": bench.get("timm_name"), "params": bench.get("params")}
             | {"gmacs": bench.get("gmacs"), "img_size": bench.get("img_size")}
