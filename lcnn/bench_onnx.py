@@ -104,12 +104,16 @@ def _inputs(img_size: int, n: int) -> list[np.ndarray]:
 
 
 def compare_eager(model: nn.Module, session, img_size: int) -> tuple[float, float]:
-    """(max |diff|, max |diff| / max |eager|) between eager fp32 and ORT over fixed batch-1 inputs."""
+    """(max |diff|, max |diff| / max |eager|) between eager fp32 and ORT over fixed batch-1 inputs; both NaN when
+    either side's outputs are not finite (``max(0.0, nan)`` is 0.0, so a NaN must never reach the running max)."""
     abs_diff, scale = 0.0, 1e-12
     with torch.inference_mode():
         for x in _inputs(img_size, N_CHECK_INPUTS):
             ref = model(torch.from_numpy(x)).float().numpy()
-            abs_diff = max(abs_diff, float(np.abs(ref - run_session(session, x)).max()))
+            out = run_session(session, x)
+            if not (np.isfinite(ref).all() and np.isfinite(out).all()):
+                return float("nan"), float("nan")
+            abs_diff = max(abs_diff, float(np.abs(ref - out).max()))
             scale = max(scale, float(np.abs(ref).max()))
     return abs_diff, abs_diff / scale
 
@@ -207,7 +211,10 @@ def onnx_section(
         if settings["onnx_out"]:
             Path(settings["onnx_out"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(fp32_path, settings["onnx_out"])
-        if rel_diff > REL_TOL:
+        if not np.isfinite(rel_diff):
+            error = "eager or ONNX Runtime outputs are not finite; not timed"
+            rows.append(make_row(**_base("onnx", "fp32", settings), status="nan", error=error))
+        elif not rel_diff <= REL_TOL:
             error = f"ONNX Runtime outputs differ from eager (rel diff {rel_diff:.2e} > {REL_TOL}); not timed"
             rows.append(make_row(**_base("onnx", "fp32", settings), status="error", error=error))
         else:

@@ -10,8 +10,10 @@ Why it is built this way (what a deployment engineer needs to trust the numbers)
   compared with the trained model in exact fp32 (TF32 off), on validation images when a manifest is given; its
   rows record ``fp32_max_abs_diff``, ``fp32_rel_diff`` and ``fp32_top1_agreement``, and outputs that are not
   finite ("nan") or that disagree ("mismatch") are never timed.
-* ``peak_mem_mb``: GPU = ``torch.cuda.max_memory_allocated`` during the configuration; CPU = peak RSS minus the
-  process RSS before the model was built (:func:`run`), an upper-side estimate (see :class:`lcnn.timing.MemProbe`).
+* ``peak_mem_mb``: GPU = ``torch.cuda.max_memory_allocated`` during the configuration, which counts every tensor of
+  the process, so the check images stay on the host and the trained model leaves the GPU once the fused form is
+  what is timed (:func:`_parked`); CPU = peak RSS minus the process RSS before the model was built (:func:`run`),
+  an upper-side estimate (see :class:`lcnn.timing.MemProbe`).
 * An out-of-memory batch (``torch.cuda.OutOfMemoryError``, or a CPU allocator's RuntimeError/MemoryError) becomes
   an "oom" row: memory is freed, larger batches of that configuration are recorded as "oom" without running, and
   the next configuration starts again from the smallest batch. Any other exception becomes an "error" row; the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -119,13 +122,16 @@ def sweep_form(
                     module = _compiled(model, len(settings["batch_sizes"]))
                 agreement, status, why = check_config(module, precision, cl, device, reference, compile_model)
             rows += _sweep_batches(
-                form, module, precision, cl, settings, device, img_size, probe, agreement, status, why
-            )
+                form, module, precision, cl, settings, device, img_size, probe, agreement, status, why,
+                compiled=compile_model,
+            )  # fmt: skip
     model.to(memory_format=torch.contiguous_format)
     return rows
 
 
-def _sweep_batches(form, module, precision, cl, settings, device, img_size, probe, agreement, status, why) -> list:
+def _sweep_batches(
+    form, module, precision, cl, settings, device, img_size, probe, agreement, status, why, compiled=False
+) -> list:
     """One configuration's rows, smallest batch first; after an OOM the larger batches are not run."""
     rows: list[dict[str, Any]] = []
     oom_at = None
@@ -143,7 +149,7 @@ def _sweep_batches(form, module, precision, cl, settings, device, img_size, prob
             try:
                 stats = timing.time_torch(
                     module, device=device, precision=precision, channels_last=cl, batch=batch,
-                    img_size=img_size, settings=settings, probe=probe,
+                    img_size=img_size, settings=settings, probe=probe, compiled=compiled,
                 )  # fmt: skip
                 rows.append(make_row(**base, **stats, status="ok"))
             except Exception as err:  # one configuration's failure must not lose the others
@@ -162,15 +168,36 @@ def _reparam_form(model, settings, img_size, device, forms, checks) -> tuple[nn.
     try:
         fused = reparameterized(model) if settings["reparameterize"] else None
         if fused is not None:
-            abs_diff, rel_diff = output_diff(model, fused, img_size, device)
+            abs_diff, rel_diff = output_diff(model, fused, img_size, device)  # NaN when an output is not finite
             checks.update(reparam_max_abs_diff=abs_diff, reparam_rel_diff=rel_diff, reparam_ok=rel_diff <= REL_TOL)
             forms["reparam"] = {"params": count_params(fused), "flops": count_flops(fused, img_size, device)}
-            if rel_diff > REL_TOL:
+            if not math.isfinite(rel_diff):
+                skip = ("nan", "trained or reparameterized outputs are not finite; not timed")
+            elif not rel_diff <= REL_TOL:
                 skip = ("error", f"reparameterized outputs differ from trained (rel diff {rel_diff:.2e} > {REL_TOL})")
     except Exception as err:  # a broken fuse() must not lose the trained rows
         skip, fused = ("error", f"reparameterization failed: {error_text(err)}"), fused or model
         checks["reparam_ok"] = False
     return fused, skip
+
+
+@contextlib.contextmanager
+def _parked(model: nn.Module, device: torch.device, active: bool):
+    """Keep ``model`` in host memory inside the block when ``active`` on a GPU, then put it back on ``device``.
+
+    Once the fused form is what is timed, the trained model would otherwise stay resident and count in every
+    later row's ``peak_mem_mb`` (``torch.cuda.max_memory_allocated`` sees all of the process's tensors). On the
+    CPU there is nowhere else to keep it, and peak RSS is an upper-side estimate anyway.
+    """
+    if not active or device.type != "cuda":
+        yield
+        return
+    model.to("cpu")
+    timing.free_memory(device)
+    try:
+        yield
+    finally:
+        model.to(device)
 
 
 def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: float | None = None) -> dict[str, Any]:
@@ -190,31 +217,34 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
     needs_reference = settings["compile"] or any(p != "fp32" for p in settings["precisions"])
     reference = Reference.for_model(model, settings, img_size, device) if needs_reference else None
     checks["fp32_agreement_inputs"] = reference.source if reference else None
+    settings["val_manifest_error"] = reference.fallback if reference else None  # set: the check fell back to noise
     rows = sweep_form("trained", model, settings, device, img_size, probe, reference=reference)
 
     deploy, deploy_form = model, "trained"
     fused, skip = _reparam_form(model, settings, img_size, device, forms, checks)
-    if fused is not None:
-        rows += sweep_form("reparam", fused, settings, device, img_size, probe, skip=skip, reference=reference)
-        if skip is None:
-            deploy, deploy_form = fused, "reparam"
-    if settings["compile"]:
-        missing = compiler_missing(device)
-        if missing:
-            log(f"[bench] compile: {missing}; the compiled rows are recorded as skipped", settings["quiet"])
-        skip = ("skipped", missing) if missing else None
-        checks["compile_missing"] = missing
-        rows += sweep_form(
-            "compiled", deploy, settings, device, img_size, probe, skip=skip, compile_model=True, reference=reference
-        )
-    if settings["onnx"]:
-        from lcnn import bench_onnx  # imported lazily: onnx/onnxruntime are only needed for this path
+    if fused is not None and skip is None:
+        deploy, deploy_form = fused, "reparam"
+    with _parked(model, device, deploy is not model):  # the trained model is not what is timed from here on
+        if fused is not None:
+            rows += sweep_form("reparam", fused, settings, device, img_size, probe, skip=skip, reference=reference)
+        if settings["compile"]:
+            missing = compiler_missing(device)
+            if missing:
+                log(f"[bench] compile: {missing}; the compiled rows are recorded as skipped", settings["quiet"])
+            skip = ("skipped", missing) if missing else None
+            checks["compile_missing"] = missing
+            rows += sweep_form(
+                "compiled", deploy, settings, device, img_size, probe, skip=skip, compile_model=True,
+                reference=reference,
+            )  # fmt: skip
+        if settings["onnx"]:
+            from lcnn import bench_onnx  # imported lazily: onnx/onnxruntime are only needed for this path
 
-        onnx_rows, onnx_checks = bench_onnx.onnx_section(
-            deploy, deploy_form=deploy_form, img_size=img_size, settings=settings, sweep_rows=rows, probe=probe
-        )
-        rows += onnx_rows
-        checks.update(onnx_checks)
+            onnx_rows, onnx_checks = bench_onnx.onnx_section(
+                deploy, deploy_form=deploy_form, img_size=img_size, settings=settings, sweep_rows=rows, probe=probe
+            )
+            rows += onnx_rows
+            checks.update(onnx_checks)
 
     other_share = timing.other_cpu_share(cpu_start, timing.host_cpu_times())
     if other_share is not None and other_share > 0.05:
@@ -317,7 +347,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sticky_cuda_error(row: dict[str, Any]) -> bool:
-    return row["status"] == "error" and any(e in (row.get("error") or "") for e in STICKY_CUDA_ERRORS)
+    """Whether a row's failure left the CUDA context unusable. A compiled configuration's first call is where
+    compiling happens, and its failure is recorded as "skipped": a sticky CUDA error can surface there too."""
+    return row["status"] in ("error", "skipped") and any(e in (row.get("error") or "") for e in STICKY_CUDA_ERRORS)
 
 
 def _not_benchmarked(cfg: dict[str, Any], ran: dict[str, Any]) -> dict[str, Any]:

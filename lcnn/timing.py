@@ -120,9 +120,16 @@ class MemProbe:
 
 
 def measure(
-    step: Callable[[], Any], *, warmup: int, iters: int, budget_s: float | None, cuda: bool = False
-) -> dict[str, Any]:
-    """Warm up, then time ``step()`` per iteration; return the latency distribution (ms/batch) and wall time."""
+    step: Callable[[], Any], *, warmup: int, iters: int, budget_s: float | None, cuda: bool = False,
+    compiled: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Warm up, then time ``step()`` per iteration; return the latency distribution (ms/batch) and wall time.
+
+    On CUDA (cuDNN's autotuning with ``cudnn.benchmark``, lazy kernel loading) and for a compiled module (a new
+    batch size compiles a new graph) the first call does one-off work, so at least one warm-up call always runs.
+    """
+    if cuda or compiled:
+        warmup = max(warmup, 1)
     start = time.perf_counter()
     for i in range(warmup):
         step()
@@ -237,8 +244,9 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def time_torch(
-    module: Callable, *, device, precision, channels_last, batch, img_size, settings, probe: MemProbe
-) -> dict[str, Any]:
+    module: Callable, *, device, precision, channels_last, batch, img_size, settings, probe: MemProbe,
+    compiled: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Time one torch configuration under inference_mode (and autocast) and return its statistics."""
     x = make_input(batch, img_size, device, channels_last)
     probe.reset()
@@ -249,6 +257,7 @@ def time_torch(
             iters=settings["iters"],
             budget_s=settings["time_budget_s"],
             cuda=device.type == "cuda",
+            compiled=compiled,
         )
     return {**latency_stats(timing["latencies_ms"], timing["total_s"], batch), "peak_mem_mb": probe.peak_mb()}
 

@@ -283,6 +283,7 @@ def test_defaults_are_the_schemas():
         ({"onnx_int8": ["fast"]}, "'benchmark.onnx_int8.0' is 'fast'; expected one of static, static_conv, dynamic"),
         ({"batch_sizes": [0]}, "benchmark.batch_sizes.0"),
         ({"iter": 3}, "'benchmark.iter' is not allowed here; did you mean iters?"),
+        ({"warmup": 0}, "benchmark.warmup"),  # cuDNN autotuning and torch.compile would land in the timed loop
     ],
 )
 def test_bad_settings_give_one_line_errors_naming_the_key(section, says):
@@ -403,3 +404,122 @@ def test_int8_bench_quantizes_the_studys_own_architectures(tmp_path):
     study_models = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
     assert {m: s["timm"] for m, s in cfg["models"].items()} == {m: s["timm"] for m, s in study_models.items()}
     assert cfg["data"]["source"] == "builtin" and cfg["baseline"]["img_size"] == 64  # the rest is the demo's
+
+
+class ConvBN(nn.Module):
+    """A conv + batch-norm pair with timm's ``fuse()`` hook, which reparameterize_model replaces by one conv.
+
+    ``broken`` folds the norm in with a wrong sign under the square root, as a fuse with a bug might: the
+    fused weights are NaN (the trained form stays finite)."""
+
+    def __init__(self, broken=False):
+        super().__init__()
+        self.conv, self.bn, self.broken = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), broken
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def fuse(self):
+        var = -self.bn.running_var if self.broken else self.bn.running_var
+        scale = self.bn.weight / torch.sqrt(var + self.bn.eps)
+        fused = nn.Conv2d(3, 8, 3)
+        fused.weight.data = self.conv.weight.data * scale[:, None, None, None]
+        fused.bias.data = self.bn.bias.data - self.bn.running_mean * scale
+        return fused
+
+
+class Fusable(nn.Module):
+    def __init__(self, broken=False, width=8):
+        super().__init__()
+        self.block, self.head = ConvBN(broken), nn.Linear(8, width)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean((2, 3)))
+
+
+def test_nan_outputs_fail_every_equivalence_check():
+    """max(0.0, nan) is 0.0 and nan > tol is False: a check written either way passes a NaN model. A fused form
+    whose outputs are NaN must neither be timed nor become the deployment form, and an all-NaN ONNX export must
+    not read as matching eager."""
+    bench = settings(reparameterize=True, onnx=True, onnx_threads=1, iters=2)
+    result = benchmark.benchmark_model(Fusable(broken=True).eval(), {"img_size": 16, "benchmark": bench})
+    reparam = rows_by(result, form="reparam")
+    assert [r["status"] for r in reparam] == ["nan"] and "not finite" in reparam[0]["error"]
+    assert result["checks"]["reparam_ok"] is False and result["checks"]["onnx_source_form"] == "trained"
+    assert result["checks"]["onnx_ok"] is True  # the trained form it fell back to exports fine
+    nan_model = Tiny()
+    nan_model.head.bias.data[:] = float("nan")  # eager and ONNX Runtime both give NaN
+    result = benchmark.benchmark_model(nan_model, {"img_size": 16, "benchmark": settings(onnx=True, onnx_threads=1)})
+    onnx = rows_by(result, form="onnx")
+    assert result["checks"]["onnx_ok"] is False and [r["status"] for r in onnx] == ["nan"]
+    assert onnx[0]["latency_ms_p50"] is None
+
+
+def test_a_working_fuse_is_the_deployment_form():
+    result = benchmark.benchmark_model(Fusable().eval(), {"img_size": 16, "benchmark": settings(reparameterize=True)})
+    assert [r["status"] for r in rows_by(result, form="reparam")] == ["ok"] and result["checks"]["reparam_ok"]
+
+
+def test_a_compile_or_autotuning_step_is_never_timed():
+    """With warm-up 0, the first call (where torch.compile compiles and cuDNN autotunes) would be a timed one."""
+    calls = []
+    for compiled, expected in ((True, 4), (False, 3)):
+        calls.clear()
+        got = timing.measure(lambda: calls.append(1), warmup=0, iters=3, budget_s=None, compiled=compiled)
+        assert len(got["latencies_ms"]) == 3 and len(calls) == expected
+
+
+def test_an_unreadable_manifest_is_said_and_recorded(tmp_path, capsys):
+    """The fp16/bf16 agreement check falls back to random images (logit error only) when the validation
+    manifest cannot be read: one warning line, even under --quiet, and the reason in the result's settings."""
+    missing = tmp_path / "nowhere" / "val.csv"
+    bench = settings(precisions=["fp32", "bf16"], val_manifest=str(missing))
+    result = benchmark.benchmark_model(models.create("resnet18", 4), {"img_size": 16, "benchmark": bench})
+    lines = [line for line in capsys.readouterr().err.splitlines() if "validation images unusable" in line]
+    assert len(lines) == 1 and "falls back to random images" in lines[0] and "warning" in lines[0]
+    assert "nowhere" in result["settings"]["val_manifest_error"]
+    assert "seeded random images" in result["checks"]["fp32_agreement_inputs"]
+    assert rows_by(result, precision="bf16")[0]["status"] == "ok"
+    clean = benchmark.benchmark_model(Tiny(), {"img_size": 16, "benchmark": settings(precisions=["fp32", "bf16"])})
+    assert clean["settings"]["val_manifest_error"] is None  # no manifest given: nothing fell back
+
+
+def test_a_sticky_cuda_error_while_compiling_fails_the_job(tmp_path, monkeypatch):
+    """torch.compile's first call is inside the agreement check, where a failure makes the compiled rows
+    "skipped": an illegal memory access there poisons the process all the same, and must fail the job."""
+
+    def compiled_then_poisoned(model, n_shapes):
+        def call(x):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        return call
+
+    monkeypatch.setattr(benchmark, "_compiled", compiled_then_poisoned)  # no GPU here to poison
+    monkeypatch.setattr(benchmark, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(models, "create", lambda *a, **k: Tiny())
+    out = tmp_path / "tiny.json"
+    cfg = {"timm_name": "tiny", "img_size": 16, "out": str(out), "benchmark": settings(compile=True)}
+    with pytest.raises(benchmark.LcnnError, match="GPU failed with 'torch.compile failed: RuntimeError: CUDA error"):
+        benchmark.run(cfg)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["form"], r["status"]) for r in rows] == [("trained", "ok"), ("compiled", "skipped")]
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_peak_memory_on_the_gpu_counts_only_the_configuration_timed(tmp_path):
+    """The agreement check's images stay on the host, and the trained model leaves the GPU while its fused form is
+    timed: either would otherwise count in every row's peak_mem_mb. The head holds 64 MiB of weights in each form."""
+    model = Fusable(width=2**24 // 8).eval()  # a 8 x 2M head: 64 MiB of fp32
+    head_mb = sum(p.numel() for p in model.head.parameters()) * 4 / 2**20
+    bench = settings(device="cuda", precisions=["fp32", "bf16"], reparameterize=True, onnx=False)
+    result = benchmark.benchmark_model(model, {"img_size": 64, "benchmark": bench})
+    for form in ("trained", "reparam"):  # autocast keeps a bf16 copy of the weights: half as much again
+        for row in rows_by(result, form=form):
+            bound = head_mb * (1.2 if row["precision"] == "fp32" else 1.7)  # 2.0 and up with both models resident
+            assert row["status"] == "ok" and row["peak_mem_mb"] < bound, (form, row["precision"], row["peak_mem_mb"])
+    reference = bench_checks.Reference.for_model(model.cuda(), benchmark.resolve_settings({}), 64, torch.device("cuda"))
+    assert {x.device.type for x, _ in reference.batches} == {"cpu"} and reference.logits[0].device.type == "cpu"
