@@ -81,6 +81,10 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, lo: float, hi: float) -
             lost = f"{n_runs - n}/{n_runs} diverged"
             holds = f"unclear ({lost})" if holds == "yes" else holds
             note = "; ".join(filter(None, [note, f"{n_runs - n} of {n_runs} seeds of {b['best_variant']} diverged"]))
+        n_base_runs = int(b.get("n_baseline_runs", b["n_baseline"]))
+        if int(b["n_baseline"]) < n_base_runs:  # the reference itself is a mean over the seeds that survived
+            lost = f"{n_base_runs - int(b['n_baseline'])} of {n_base_runs} baseline seeds diverged"
+            note = "; ".join(filter(None, [note, f"{lost}: the baseline mean is over the rest"]))
         if b.get("excluded_variants"):
             note = "; ".join(filter(None, [note, f"ranked without variants that lost seeds: {b['excluded_variants']}"]))
         row |= {"measured": measured, "in_range": yn(in_range), "beyond_seed_noise": beyond, "holds": holds}

@@ -68,7 +68,8 @@ def gains_table(
     rows = []
     for model in sorted(runs["model"].unique()):
         sub = runs[runs["model"] == model]
-        base = _ok(sub[sub["variant"] == baseline])["top1"]
+        base_runs = sub[sub["variant"] == baseline]
+        base = _ok(base_runs)["top1"]
         variants = [v for v in _variant_order(sub["variant"], baseline) if v != baseline]
         k = max(len(variants), (searched or {}).get(model, 0), 1)
         for variant in variants:
@@ -86,13 +87,15 @@ def gains_table(
                 note = ""
             rows.append(
                 {"model": model, "variant": variant, "axis": grp["axis"].iloc[0], "n": g["n"], "n_runs": len(grp)}
-                | {"n_baseline": g["n_baseline"], "n_diverged": int((grp["status"] == "diverged").sum())}
+                | {"n_baseline": g["n_baseline"], "n_baseline_runs": len(base_runs)}
+                | {"n_diverged": int((grp["status"] == "diverged").sum())}
                 | {"baseline_top1": mean_ci(base)["mean"], "top1_mean": mean_ci(ok["top1"])["mean"]}
                 | {"gain": g["gain"], "gain_ci_lo": g["ci_lo"], "gain_ci_hi": g["ci_hi"], "welch_df": g["df"]}
                 | {"significant": yn(g["significant"]), "significant_corrected": yn(gc["significant"])}
                 | {"n_compared": max(len(variants), (searched or {}).get(model, 0)), "note": note}
             )
-    cols = ["model", "variant", "axis", "n", "n_runs", "n_baseline", "n_diverged", "baseline_top1", "top1_mean"]
+    cols = ["model", "variant", "axis", "n", "n_runs", "n_baseline", "n_baseline_runs", "n_diverged"]
+    cols += ["baseline_top1", "top1_mean"]
     cols += ["gain"]
     cols += ["gain_ci_lo", "gain_ci_hi", "welch_df", "significant", "significant_corrected", "n_compared", "note"]
     return pd.DataFrame(rows, columns=cols)

@@ -435,6 +435,10 @@ def test_a_variant_that_lost_seeds_never_backs_a_yes() -> None:
     assert claim["in_range"] == "yes" and claim["beyond_seed_noise"] == "yes"
     assert claim["holds"] == "unclear (1/4 diverged)" and "1 of 4 seeds of flaky diverged" in claim["note"]
     assert "n=3 of 4 (1 diverged) vs 4" in claim["measured"]
+    # a baseline that lost a seed is the reference, a mean over its survivors: the note says so
+    shaky_base = ("baseline", [70.0, 70.1, None, 70.3])
+    claim = _gain_claims({"m": {"baseline": shaky_base, "steady": steady}})[1].iloc[0]
+    assert "1 of 4 baseline seeds diverged: the baseline mean is over the rest" in claim["note"]
 
 
 def test_holds_needs_the_bonferroni_corrected_test() -> None:
