@@ -30,9 +30,10 @@ try:
     study.validate(config)
     if (
         workflow.is_main_process
-    ):  # a job's re-parse skips it: the main process checked before submitting
+    ):  # a job's re-parse skips these: the main process checked before submitting (and a GPU node may not mount
+        # the raw ImageNet folders that only the data step reads)
         study.check_models(config, cache_dir=".snakemake/lcnn")
-    check_paths(config["data"])
+        check_paths(config["data"])
 except LcnnError as err:
     raise WorkflowError(f"lcnn config error: {err}") from None
 
@@ -49,7 +50,8 @@ HALVING = study.search_mode(config) == "halving"
 SCHEDULE = study.rung_schedule(config)
 RUNG_DIR = "runs_halving/{model}/{variant}/seed{seed}/rung{rung}"
 HALVING_RESULT = "results/halving/{model}/{variant}.json"
-# what a training job asks for (rules train and train_rung); profiles/slurm maps them onto partitions and GPUs
+# what a training job asks for (rules train, train_rung and train_trial); profiles/slurm maps them onto partitions
+# and GPUs
 TRAIN_THREADS = max(1, config["train"]["num_workers"])
 TRAIN_NPROC = config["train"][
     "gpus_per_job"
@@ -59,11 +61,13 @@ TRAIN_RESOURCES = dict(
     nodes=1,  # a job's GPUs are never split across nodes
     cpus_per_gpu=config["train"]["num_workers"] + 1,
     mem_mb=32000,
-    # a time limit that grows with each retry; a preempted job resumes from its saved state
-    runtime=lambda wildcards, attempt: 720 * attempt,
+    # a time limit that grows on the first retry (profiles/slurm caps it under the partition's MaxTime the same
+    # way); a preempted or timed-out job resumes from its saved state
+    runtime=lambda wildcards, attempt: min(720 * attempt, 1440),
 )
-# rules train and train_rung: exec the launcher, so on SLURM's SIGTERM (profiles/slurm: 120 s before the time limit,
-# or a preemption) Snakemake's job process waits while the trainer saves its state and exits 75 for the retry
+# rules train, train_rung and train_trial: exec the launcher, so on SLURM's SIGTERM (profiles/slurm: 120 s before
+# the time limit, or a preemption) Snakemake's job process waits while the trainer saves its state and exits 75 for
+# the retry
 TRAIN_SHELL = (
     "export OMP_NUM_THREADS={threads};"
     " exec python -m lcnn.launch --nproc {params.nproc} -- --run-json {params.run:q} --exec-json {params.exec:q}"

@@ -56,6 +56,24 @@ def test_formatting_is_clean():
 
 
 @pytest.mark.slow
+def test_the_slurm_profile_sends_every_training_rule_to_the_gpu_partition_with_the_save_signal():
+    """A rule with the training resources but no entry in profiles/slurm's set-resources would be submitted to the
+    default (CPU) partition, with no SIGTERM before its time limit: every such rule must be routed like `train`."""
+    training = sorted(
+        rule
+        for path in (REPO / "rules").glob("*.smk")
+        for rule, body in re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", path.read_text(), flags=re.M)
+        if "**TRAIN_RESOURCES" in body
+    )
+    assert {"train", "train_rung", "train_trial"} <= set(training)
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    gpu = profile["x-lcnn-cluster"]["gpu_partition"]
+    for rule in training:
+        spec = profile["set-resources"].get(rule)
+        assert spec is not None, f"profiles/slurm has no set-resources entry for training rule {rule}"
+        assert spec["slurm_partition"] == gpu and "--signal=TERM@" in spec["slurm_extra"], (rule, spec)
+
+
 def test_dry_run_of_the_real_config_lists_every_training_job(tmp_path, fake_imagenet_config):
     workdir = copy_workflow(tmp_path)
     proc = snakemake(workdir, "-n", "--configfile", "config.yaml", str(fake_imagenet_config))
