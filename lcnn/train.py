@@ -33,7 +33,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from lcnn import checkpoint, dataset, devices, models, tracking
+from lcnn import checkpoint, dataset, devices, models, owner, tracking
 from lcnn.config import RECIPE_TRAIN_KEYS, merge_run
 from lcnn.launch import EXIT_PREEMPTED, STOP_SIGNALS, note_preempted
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
@@ -178,6 +178,8 @@ def setup(cfg: dict[str, Any]) -> Job:
     """Device, data, model, optimizer and schedule, prepared by Accelerate; trackers started."""
     hp, tcfg = cfg["hparams"], cfg["train"]
     accelerator, device = make_accelerator(cfg)
+    if accelerator.is_main_process:  # one job per run folder: a twin (a restarted Snakemake's) stops here
+        owner.claim(cfg["out_dir"])
     set_seed(cfg["seed"])  # identical weights on every rank
     img_size = hp.get("img_size") or cfg["native_img_size"]
     loaders = build_loaders(cfg, img_size, accelerator.num_processes, device == "cuda", accelerator.device)
@@ -698,6 +700,7 @@ def hand_off(job: Job, diverged: dict[str, int] | None) -> None:
             checkpoint.remove(job.out)
         if cfg.get("init_state"):  # the previous rung's state, now carried on into this rung's outputs
             checkpoint.remove(cfg["init_state"])
+    owner.release(job.out)
 
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s", "seconds", "data_wait_s"]

@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lcnn import owner
+from lcnn.utils import LcnnError
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,3 +367,24 @@ def test_training_job_signalled_by_slurm_saves_state_and_its_retry_resumes(slurm
     assert metrics["status"] == "ok" and metrics["epochs_completed"] == 4, metrics
     assert metrics["slurm_job_id"] == train[1]["JobID"], metrics
     assert not (work / target).with_name("train_state").exists(), "the state is cleaned up after success"
+
+
+def test_a_run_owned_by_a_live_slurm_job_is_refused_until_that_job_ends(slurm_cluster, tmp_path):
+    """The twin guard's SLURM side (lcnn.owner): a run folder whose owner.json names another job that squeue still
+    lists is refused in one line; once that job is cancelled, the folder is free."""
+    c = slurm_cluster
+    submit = ["sbatch", "--parsable", "-A", c["LCNN_SLURM_ACCOUNT"], "-p", c["LCNN_SLURM_CPU_PARTITION"]]
+    job = subprocess.run([*submit, "--wrap", "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        (tmp_path / owner.OWNER).write_text(json.dumps({"slurm_job_id": job, "host": "node", "pid": 1, "start": 0}))
+        assert owner.slurm_job_live(job)
+        with pytest.raises(LcnnError, match=f"is being trained by SLURM job {job} on node, which is still running"):
+            owner.claim(tmp_path)
+    finally:
+        subprocess.run(["scancel", job], check=True)
+    deadline = time.monotonic() + 60
+    while owner.slurm_job_live(job):  # CANCELLED, then gone from squeue (COMPLETING counts as ended)
+        assert time.monotonic() < deadline, f"job {job} still listed by squeue a minute after scancel"
+        time.sleep(1)
+    owner.claim(tmp_path)
+    assert json.loads((tmp_path / owner.OWNER).read_text())["pid"] == os.getpid()

@@ -24,7 +24,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lamb, Lion, RMSpropTF
 
-from lcnn import checkpoint, dataset, recipe, train
+from lcnn import checkpoint, dataset, owner, recipe, train
 from lcnn import config as study
 from lcnn.models import create
 from lcnn.tools import gpu_check
@@ -328,6 +328,29 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     same = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr"]
     pd.testing.assert_frame_equal(ha[same], hb[same])
     assert checkpoint.find(tmp_path / "cut") is None  # cleaned up after success
+
+
+def test_a_second_trainer_on_a_run_folder_that_is_being_trained_stops_at_once_naming_the_first(built_data, tmp_path):
+    """A Snakemake restarted while its jobs still run submits them again: the twin must stop before it touches the
+    run folder (two trainers delete each other's saved state), and name the job to wait for or cancel."""
+    rc = run_cfg(built_data, tmp_path / "run", log_every=1)
+    rc["hparams"]["epochs"] = 50  # still training while the twin starts
+    first = train_subprocess(rc)
+    for line in first.stdout:
+        if "step 1/" in line:  # training: the folder is claimed
+            break
+    twin = subprocess.run(
+        [sys.executable, "-m", "lcnn.train", "--run-json", json.dumps(rc), "--out-dir", rc["out_dir"]],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert twin.returncode != 0, twin.stdout[-2000:]
+    last = twin.stderr.strip().splitlines()[-1]
+    assert f"is being trained by pid {first.pid}" in last and "still running" in last, twin.stderr[-2000:]
+    os.killpg(first.pid, signal.SIGTERM)  # the first trains on unharmed: it saves its state and exits as usual
+    rest = first.stdout.read()
+    assert first.wait(timeout=300) == train.EXIT_PREEMPTED, rest
+    owner.claim(rc["out_dir"])  # its owner has ended: the retry takes the folder over
+    assert json.loads((tmp_path / "run" / owner.OWNER).read_text())["pid"] == os.getpid()
 
 
 def test_a_stop_signal_during_validation_exits_after_the_epochs_save_not_a_check_later(

@@ -1,0 +1,92 @@
+"""Which job trains a run folder: one at a time, or their saves destroy each other.
+
+A second trainer on a run folder happens when the main Snakemake dies (a login node's reboot, a SIGKILL) and is
+started again while its SLURM jobs still run: the new Snakemake does not know them and, with ``rerun-incomplete``,
+submits each run again. Both would then train the same run for hours, deleting each other's saved state. So the
+trainer's first process writes :data:`OWNER` (its SLURM job, or its host and pid) into the run folder, and a
+trainer that finds one naming another job that still runs stops at once, in one line that names it.
+
+Only a job that is known to run blocks: a SLURM job that ``squeue`` lists as not yet finished, or a process of this
+host whose pid and start time match. Anything that cannot be checked (another host without SLURM, no ``squeue``)
+does not block, as before this guard existed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lcnn.utils import LcnnError, atomic_write_json
+
+OWNER = "owner.json"
+# squeue states of a job that may still train (COMPLETING: its processes have ended, only the epilog runs)
+LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+               "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}  # fmt: skip
+
+
+def this_job() -> dict[str, Any]:
+    """This trainer's identity: its SLURM job where there is one, and its host, pid and the pid's start time."""
+    pid = os.getpid()
+    return {"slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": pid,
+            "start": _start_time(pid)}  # fmt: skip
+
+
+def claim(run_dir: str | os.PathLike) -> None:
+    """Record this job as the one training ``run_dir``; stop, in one line, if another job still trains it."""
+    path = Path(run_dir) / OWNER
+    me = this_job()
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: nobody to wait for
+        other = None
+    if other and _other_live_job(other, me):
+        who = f"SLURM job {other['slurm_job_id']}" if other.get("slurm_job_id") else f"pid {other['pid']}"
+        raise LcnnError(
+            f"{run_dir} is being trained by {who} on {other.get('host')}, which is still running (a Snakemake "
+            f"restarted while its jobs ran submits them again); wait for it to end, or `scancel` it, and rerun"
+        )
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, me)
+
+
+def release(run_dir: str | os.PathLike) -> None:
+    """Remove the record once the run's outputs are written (only this job's own)."""
+    path = Path(run_dir) / OWNER
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _other_live_job(other: dict[str, Any], me: dict[str, Any]) -> bool:
+    if other.get("slurm_job_id"):
+        if other["slurm_job_id"] == me["slurm_job_id"]:  # this job again, requeued by SLURM
+            return False
+        return slurm_job_live(str(other["slurm_job_id"]))
+    if other.get("host") != me["host"] or other.get("pid") == me["pid"]:
+        return False  # another host's process cannot be checked from here; our own pid is us
+    return other.get("start") is not None and _start_time(int(other["pid"])) == other["start"]
+
+
+def slurm_job_live(job_id: str) -> bool:
+    """Whether SLURM still lists ``job_id`` as a job that may run; False where ``squeue`` cannot say."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0 and any(state.strip() in LIVE_STATES for state in proc.stdout.splitlines())
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): a pid with another start
+    time is another process that reused the number. None where there is no /proc or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
