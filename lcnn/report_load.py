@@ -20,6 +20,7 @@ LATENCY_FIELDS = ("form", "engine", "device", "precision", "channels_last", "bat
 LATENCY_FIELDS += ("latency_ms_p50", "latency_ms_p99", "throughput_ips")
 RUN_FIELDS = ("seed", "status", "top1", "top5", "best_top1", "best_epoch", "epochs", "epochs_completed")
 RUN_FIELDS += ("train_seconds", "device", "device_type", "num_devices", "device_hours", "params", "diverged_at")
+RUN_FIELDS += ("data_wait_fraction",)
 DEVICE_CLASS = {"cuda": "GPU", "cpu": "CPU", "mps": "MPS"}  # torch device type -> the class a claim names
 BENCH_MODEL_COLUMNS = [
     *("model", "timm_name", "params", "gmacs", "img_size", "device", "device_class", "excluded_forms"),
@@ -40,7 +41,8 @@ def load_runs(paths: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
             row |= {k: m.get(k) for k in RUN_FIELDS}
             runs.append(row)
     runs_df = pd.DataFrame(runs, columns=["model", "variant", "axis", *RUN_FIELDS])
-    for col in ("top1", "top5", "best_top1", "device_hours", "train_seconds", "epochs", "epochs_completed"):
+    numeric = ("top1", "top5", "best_top1", "device_hours", "train_seconds", "epochs", "epochs_completed")
+    for col in (*numeric, "data_wait_fraction"):
         runs_df[col] = pd.to_numeric(runs_df[col], errors="coerce")
     return runs_df, pd.DataFrame(variants, columns=["model", "variant", "axis", "timm_name", "path"])
 

@@ -153,7 +153,9 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Epochs and device-hours per model and in total, split by device type (GPU-hours vs CPU-hours)."""
+    """Epochs and device-hours per model and in total, split by device type (GPU-hours vs CPU-hours), and the share
+    of training time the step waited for the loader (over the runs that measured it, weighted by their training
+    time): a loader-bound model is paying device-hours for an idle GPU."""
     df = runs.assign(hours_unit=runs["device_type"].map(_hours_unit))
     rows = []
     for model_key, grp in [*df.groupby(["model", "hours_unit"], sort=True), *df.groupby(["hours_unit"], sort=True)]:
@@ -162,9 +164,17 @@ def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
             {"model": model, "hours_unit": unit, "runs": len(grp), "runs_ok": int((grp["status"] == "ok").sum())}
             | {"runs_diverged": int((grp["status"] == "diverged").sum())}
             | {"epochs_completed": grp["epochs_completed"].sum(), "device_hours": grp["device_hours"].sum()}
+            | {"loader_wait_pct": _loader_wait_pct(grp)}
         )
     cols = ["model", "hours_unit", "runs", "runs_ok", "runs_diverged", "epochs_completed", "device_hours"]
+    cols += ["loader_wait_pct"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def _loader_wait_pct(runs: pd.DataFrame) -> float:
+    measured = runs[runs["data_wait_fraction"].notna() & (runs["train_seconds"] > 0)]
+    seconds = measured["train_seconds"].sum()
+    return 100 * (measured["data_wait_fraction"] * measured["train_seconds"]).sum() / seconds if seconds else math.nan
 
 
 def latency_table(bench: pd.DataFrame) -> pd.DataFrame:

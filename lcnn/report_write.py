@@ -19,6 +19,7 @@ _SPECS = {"device_hours": ".4g", "welch_df": ".1f", "params_M": ".2f", "gmacs": 
 _SPECS |= {k: ".0f" for k in ("batch_size", "max_throughput_batch", "epochs", "epochs_completed", "best_epoch")}
 _SPECS |= {k: ".0f" for k in ("max_throughput_ips", "num_devices", "seed", "train_seconds")}
 _SPECS |= {k: ".4g" for k in ("halving_device_hours", "grid_device_hours")}
+_SPECS["loader_wait_pct"] = ".1f"
 _SPECS |= {k: ".0f" for k in ("halving_epochs", "grid_epochs", "bench_img_size", "optuna_epochs", "trials")}
 _STATUS_CELLS = {"runs": ("top1", "top5"), "latency": ("latency_ms_p50", "latency_ms_p99", "throughput_ips")}
 

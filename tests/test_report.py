@@ -43,6 +43,7 @@ def _metrics(model: str, variant: str, axis: str, seed: int, top1: float | None,
         "device_type": "cuda" if device.startswith("cuda") else "cpu", "num_devices": 1, "device_hours": 0.01,
         "peak_mem_mb": 100.0, "params": 1_000_000, "img_size": 32, "num_classes": 10, "slurm_job_id": None,
         "diverged_at": {"epoch": 2, "step": 7} if div else None,
+        "data_wait_fraction": None if seed == 2 else 0.1 * (seed + 1),  # seed 2: a run from before it was measured
     }  # fmt: skip
 
 
@@ -294,6 +295,12 @@ def test_runs_and_compute(built: dict) -> None:
     assert _row_of(comp, model="fastnet", hours_unit="GPU-hours")["device_hours"] == pytest.approx(0.12)
     assert _row_of(comp, model="ALL", hours_unit="CPU-hours")["device_hours"] == pytest.approx(0.05)
     assert _row_of(comp, model="fastnet", hours_unit="GPU-hours")["epochs_completed"] == 3 * 8 + 1 * 4
+    # the loader's share of training time, over the runs that measured it (equal training seconds here)
+    fast = runs[(runs["model"] == "fastnet") & (runs["hours_unit"] == "GPU-hours")]
+    waited = fast["seed"].map({0: 10.0, 1: 20.0}).dropna()
+    assert len(waited) < len(fast)  # some runs did not measure it and are left out, not counted as 0
+    assert _row_of(comp, model="fastnet", hours_unit="GPU-hours")["loader_wait_pct"] == pytest.approx(waited.mean())
+    assert "loader_wait_pct" in (built["out"] / "compute.md").read_text()
 
 
 def test_latency_and_models(built: dict) -> None:
