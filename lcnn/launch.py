@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which Snakemake's retry and a S
 # where each rank of a torchrun job notes that it saved its state and is exiting EXIT_PREEMPTED: torchrun itself
 # reports any worker's non-zero exit as 1, and the job should end as a one-process job does
 EXIT_DIR_ENV = "LCNN_EXIT_DIR"
+FAILED_LOGS = "failed_attempts"  # in the run folder: the logs of attempts that failed, which a retry would delete
 
 
 def torchrun_takes(flag: str) -> bool:
@@ -150,15 +152,38 @@ def run(cfg: dict) -> dict:
             )
             code = EXIT_PREEMPTED
     result = {"returncode": code, "signal": None, "seconds": time.monotonic() - start}
+    kept = keep_failed_log(list(cfg["train_args"])) if code not in (0, EXIT_PREEMPTED) else None
     if code < 0:
         result["signal"] = signal.Signals(-code).name
         print(
             f"lcnn launch: the trainer (pid {proc.pid}) died by {result['signal']} after {result['seconds']:.0f} s "
-            "without saving its state; a retry resumes from the last saved epoch",
+            "without saving its state; a retry resumes from the last saved epoch"
+            + (f" (this attempt's log is kept as {kept})" if kept else ""),
             file=sys.stderr,
             flush=True,
         )
     return result
+
+
+def keep_failed_log(train_args: list[str]) -> Path | None:
+    """Copy a failed attempt's log (this process's standard output, where it is a file: the rule's log) into the run
+    folder's ``failed_attempts/``: Snakemake deletes a job's log before its retry, and with it the traceback."""
+    try:
+        log = Path(os.readlink("/proc/self/fd/1"))
+        out_dir = Path(train_args[train_args.index("--out-dir") + 1])
+    except (OSError, ValueError, IndexError):  # no /proc, or no run folder named
+        return None
+    if not log.is_file():  # a terminal or a pipe: nothing to lose
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = out_dir / FAILED_LOGS / f"{stamp}-{os.environ.get('SLURM_JOB_ID') or f'pid{os.getpid()}'}.log"
+    try:
+        sys.stdout.flush()
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, kept)
+    except OSError:
+        return None
+    return kept
 
 
 def main(argv: list[str] | None = None) -> None:

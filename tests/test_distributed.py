@@ -183,6 +183,10 @@ def test_killed_trainer_is_named_in_the_last_log_line(built_data, tmp_path, env)
     lines = log.read_text().strip().splitlines()
     assert "Fatal Python error: Segmentation fault" in log.read_text()  # faulthandler: where it crashed
     assert "died by SIGSEGV" in lines[-1] and "resumes from the last saved epoch" in lines[-1]
+    # Snakemake deletes a job's log before its retry: the failed attempt's log stays in the run folder
+    (kept,) = (tmp_path / "run" / launch.FAILED_LOGS).glob("*.log")
+    assert f"this attempt's log is kept as {kept}" in lines[-1]
+    assert "Fatal Python error: Segmentation fault" in kept.read_text()
 
 
 def test_launcher_command_is_explicit():
