@@ -295,24 +295,73 @@ RECIPE_TRAIN_KEYS = (
 )
 
 
-def run_recipe(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict[str, Any]:
+# What each lr schedule reads (lcnn.recipe.build_scheduler, through timm's create_scheduler_v2): cosine and tanh take
+# no decay setting (their cycle_decay is timm's default, not decay_rate), step and multistep no min_lr, and "none"
+# builds no scheduler at all. A setting left out here is never handed to that schedule's timm scheduler.
+SCHEDULE_KEYS = ("warmup_epochs", "warmup_lr", "min_lr", "decay_epochs", "decay_milestones", "decay_rate")
+SCHEDULE_USES = {
+    "step": {"warmup_epochs", "warmup_lr", "decay_epochs", "decay_rate"},
+    "multistep": {"warmup_epochs", "warmup_lr", "decay_milestones", "decay_rate"},
+    "cosine": {"warmup_epochs", "warmup_lr", "min_lr"},
+    "tanh": {"warmup_epochs", "warmup_lr", "min_lr"},
+    "poly": {"warmup_epochs", "warmup_lr", "min_lr", "decay_rate"},  # decay_rate is poly's power
+    "none": set(),
+}
+# timm optimizers without momentum (create_optimizer_v2 passes it only where has_momentum; tests check the registry)
+NO_MOMENTUM_OPTS = frozenset({"adam", "adamw", "lamb", "lambw", "lion", "adabelief", "adafactor", "nadamw", "adan"})
+
+
+def unused_hparams(hp: dict[str, Any]) -> set[str]:
+    """The hyperparameters a run with these settings provably never reads, so its weights cannot depend on them.
+
+    Kept deliberately narrow: a key left here that matters would train the wrong recipe, one kept needlessly only
+    costs a rerun. lcnn.recipe and lcnn.models default every key dropped here.
+    """
+    unused = set(SCHEDULE_KEYS) - SCHEDULE_USES.get(hp.get("sched"), set(SCHEDULE_KEYS))
+    if not hp.get("warmup_epochs"):  # timm's schedulers read warmup_lr_init only while t < warmup_t
+        unused.add("warmup_lr")
+    if str(hp.get("opt")).lower().split("_")[-1] in NO_MOMENTUM_OPTS:
+        unused.add("momentum")
+    if hp.get("lr_scale") == "none":  # lr_base applies at every global batch
+        unused.add("lr_base_size")
+    if hp.get("init") != "pretrained":
+        unused.add("pretrained_file")
+    if hp.get("auto_augment") and "3a" not in hp["auto_augment"]:  # timm's create_transform drops colour jitter
+        unused.add("color_jitter")
+    return unused
+
+
+def used_hparams(hp: dict[str, Any]) -> dict[str, Any]:
+    """``hp`` without the keys :func:`unused_hparams` names."""
+    unused = unused_hparams(hp)
+    return {k: v for k, v in hp.items() if k not in unused}
+
+
+def run_recipe(
+    cfg: dict[str, Any], model: str, variant: str, seed: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What one training job's weights depend on: model, variant recipe, seed, precision and device count.
 
-    The train rule hands it over as a params value, so editing any of it (and nothing else) reruns the job.
+    The train rule hands it over as a params value, so editing any of it (and nothing else) reruns the job. It
+    carries only the settings this run uses: a pretrained tag only under ``init: pretrained``, and of the
+    hyperparameters those :func:`used_hparams` keeps (``overrides``, an optuna trial's values, go on first).
     """
     if model not in cfg["models"]:
         raise LcnnError(f"unknown model '{model}'; configured models: {', '.join(cfg['models'])}")
     spec = cfg["models"][model]
-    return {
+    hp = hparams(cfg, variant) | copy.deepcopy(overrides or {})
+    recipe = {
         "model": model,
         "timm_name": spec["timm"],
         "native_img_size": spec.get("img_size", 224),
-        "pretrained_tag": spec.get("pretrained_tag"),
         "variant": variant,
         "seed": int(seed),
-        "hparams": hparams(cfg, variant),
+        "hparams": used_hparams(hp),
         "train": {k: copy.deepcopy(cfg["train"][k]) for k in RECIPE_TRAIN_KEYS},
     }
+    if hp.get("init") == "pretrained":  # lcnn.models and the loaders' normalisation read the tag only then
+        recipe["pretrained_tag"] = spec.get("pretrained_tag")
+    return recipe
 
 
 def run_execution(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -329,6 +378,33 @@ def merge_run(recipe: dict[str, Any], execution: dict[str, Any]) -> dict[str, An
 def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict[str, Any]:
     """Everything one training job needs, resolved: recipe and execution settings together."""
     return merge_run(run_recipe(cfg, model, variant, seed), run_execution(cfg))
+
+
+def data_definition(cfg: dict[str, Any], with_root: bool = False) -> dict[str, Any]:
+    """What the prepared subset is (source, classes, images per class, size, seed, ...): ``data:`` without
+    ``stage_to`` and, unless ``with_root``, ``root``, which only say where it lives.
+
+    prepare_data takes it with the root as its params; the rules that read the manifests (train, train_rung,
+    train_trial, benchmark) take it without, so a changed subset retrains while a moved, touched or re-copied
+    one does not (their manifest inputs are ancient()).
+    """
+    left_out = {"stage_to"} if with_root else {"stage_to", "root"}
+    return {k: copy.deepcopy(v) for k, v in cfg["data"].items() if k not in left_out}
+
+
+def data_redefined(cfg: dict[str, Any]) -> bool:
+    """Whether the subset prepared under ``data.root`` was drawn under another definition than the config's now
+    (the config its prepare_report.json records); False when there is no readable report to compare with.
+
+    The rules that read the manifests take them as ancient() only while this is False: Snakemake does not check
+    the params of a job downstream of one that reruns when its inputs from it are all ancient, so a changed subset
+    must reach them as an updated input instead.
+    """
+    try:
+        recorded = json.loads((Path(cfg["data"]["root"]) / "prepare_report.json").read_text())["config"]
+        return {k: v for k, v in recorded.items() if k not in ("root", "stage_to")} != data_definition(cfg)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------ search (halving)

@@ -91,9 +91,10 @@ def trial_recipe(cfg: dict[str, Any], model: str, variant: str, seed: int, param
     """A trial's run recipe: the baseline's with the sampled hyperparameters on top (axis ``optuna``)."""
     from lcnn import config as study
 
-    recipe = study.run_recipe(cfg, model, study.BASELINE, seed)
+    # the sampled values go on before the recipe drops the settings this trial does not use (a sampled sched
+    # decides whether decay_milestones is read)
+    recipe = study.run_recipe(cfg, model, study.BASELINE, seed, overrides={**params, "axis": "optuna"})
     recipe["variant"] = variant
-    recipe["hparams"] |= {**params, "axis": "optuna"}
     return recipe
 
 

@@ -24,6 +24,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lcnn.config import SCHEDULE_KEYS
 from lcnn.dataset import ManifestDataset, stage
 from lcnn.launch import STOP_SIGNALS
 from lcnn.utils import LcnnError, kill_children
@@ -132,7 +133,7 @@ def transforms(hp: dict[str, Any], img_size: int, timm_name: str, prefetcher: bo
         is_training=True,
         scale=tuple(hp["scale"]),
         hflip=hp["hflip"],
-        color_jitter=hp["color_jitter"] or None,
+        color_jitter=hp.get("color_jitter") or None,  # absent: unused, auto_augment disables it
         auto_augment=hp["auto_augment"],
         re_prob=0.0 if prefetcher else hp["re_prob"],
         re_mode="pixel",
@@ -256,8 +257,10 @@ def build_loss(hp: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
 
 def scaled_lr(hp: dict[str, Any], num_processes: int) -> float:
     """lr_base rescaled from lr_base_size to the global batch (batch_size x processes), as timm's train.py does."""
+    if hp["lr_scale"] == "none":  # lr_base_size is then left out of the recipe (lcnn.config.unused_hparams)
+        return hp["lr_base"]
     ratio = hp["batch_size"] * num_processes / hp["lr_base_size"]
-    return hp["lr_base"] * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[hp["lr_scale"]]
+    return hp["lr_base"] * {"linear": ratio, "sqrt": math.sqrt(ratio)}[hp["lr_scale"]]
 
 
 def has_fused(opt: str) -> bool:
@@ -280,9 +283,9 @@ def build_optimizer(
     """
     lr = scaled_lr(hp, num_processes)
     extra = {"fused": True} if fused and has_fused(hp["opt"]) else {}
-    optimizer = create_optimizer_v2(
-        model, opt=hp["opt"], lr=lr, weight_decay=hp["weight_decay"], momentum=hp["momentum"], **extra
-    )
+    if "momentum" in hp:  # absent for optimizers without momentum (lcnn.config.NO_MOMENTUM_OPTS): timm ignores it
+        extra["momentum"] = hp["momentum"]
+    optimizer = create_optimizer_v2(model, opt=hp["opt"], lr=lr, weight_decay=hp["weight_decay"], **extra)
     zero_fused_momentum(optimizer)
     return optimizer, lr
 
@@ -305,19 +308,19 @@ def zero_fused_momentum(optimizer: torch.optim.Optimizer) -> None:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any], steps_per_epoch: int):
-    """timm scheduler updated every step (so short runs still see warmup and decay); None = constant lr."""
+    """timm scheduler updated every step (so short runs still see warmup and decay); None = constant lr.
+
+    A schedule setting absent from ``hp`` is one this schedule never reads (lcnn.config.unused_hparams): timm's
+    default stands in for it unread.
+    """
     if hp["sched"] == "none":
         return None
+    schedule = {k: hp[k] for k in SCHEDULE_KEYS if k in hp}
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=hp["sched"],
         num_epochs=hp["epochs"],
-        decay_epochs=hp["decay_epochs"],
-        decay_milestones=hp["decay_milestones"],
-        decay_rate=hp["decay_rate"],
-        min_lr=hp["min_lr"],
-        warmup_lr=hp["warmup_lr"],
-        warmup_epochs=hp["warmup_epochs"],
+        **schedule,
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )

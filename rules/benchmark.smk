@@ -6,7 +6,9 @@ rule benchmark:
         weights=benchmark_input("weights"),
         run_config=benchmark_input("run_config"),
         metrics=benchmark_input("metrics"),
-        val=rules.prepare_data.output.val,  # real images for the fp16/bf16 agreement check and int8 calibration and top-1
+        # real images for the fp16/bf16 agreement check, int8 calibration and top-1 (ancient, with params.data: as
+        # in rule train)
+        val=MANIFESTS["val"],
     output:
         "benchmarks/{model}.json",
     log:
@@ -20,6 +22,7 @@ rule benchmark:
         runtime=lambda wildcards, attempt: 120 * attempt,
     params:
         bench=json.dumps(config["benchmark"]),
+        data=DATA_DEFINITION,
         timm_name=lambda wildcards: config["models"][wildcards.model]["timm"],
     shell:
         "python -m lcnn.benchmark --model-name {wildcards.model} --timm-name {params.timm_name:q}"

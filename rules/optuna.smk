@@ -58,6 +58,7 @@ rule train_trial:
     params:
         run=get_trial_run_json,
         exec=get_exec_json,
+        data=DATA_DEFINITION,  # with the ancient manifests (get_trial_inputs): as in rule train
         nproc=TRAIN_NPROC,
         out_dir=TRIAL_DIR,
     shell:

@@ -90,8 +90,9 @@ def get_trial_inputs(wildcards):
             f"{wildcards.model}/{wildcards.trial} does not train in rung {rung}"
         )
     inputs = {
-        "train": rules.prepare_data.output.train,
-        "val": rules.prepare_data.output.val,
+        # ancient, with params.data: as in rule train
+        "train": MANIFESTS["train"],
+        "val": MANIFESTS["val"],
         "proposal": f"{OPTUNA_DIR}/round{rnd}.json".format(model=wildcards.model),
     }
     if rung > 1:

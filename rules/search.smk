@@ -39,6 +39,7 @@ rule train_rung:
     params:
         run=get_rung_run_json,
         exec=get_exec_json,
+        data=DATA_DEFINITION,  # with the ancient manifests (get_rung_inputs): as in rule train
         nproc=TRAIN_NPROC,
         out_dir=RUNG_DIR,
     shell:

@@ -56,8 +56,9 @@ def get_rung_inputs(wildcards):
     """Data, and for a later rung the selection that let this variant through plus the run it goes on from."""
     rung = _check_rung(wildcards, len(SCHEDULE))
     inputs = {
-        "train": rules.prepare_data.output.train,
-        "val": rules.prepare_data.output.val,
+        # ancient, with params.data: as in rule train
+        "train": MANIFESTS["train"],
+        "val": MANIFESTS["val"],
     }
     if rung > 1:
         inputs["selection"] = f"search/{wildcards.model}/rung{rung - 1}.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import yaml
@@ -96,3 +97,82 @@ def test_bad_config_gives_one_line_naming_the_key(mutate, message):
         study.check_models(cfg)
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+# (variant of the real config, edit, whether that variant's run uses the edited setting). A run's recipe is its
+# train rule's params: an edit to a setting it never reads must leave it unchanged (no rerun), one it reads must not
+RECIPE_EDITS = [
+    ("baseline", {"baseline": {"decay_milestones": [10, 20]}}, False),  # step schedule
+    ("multistep", {"baseline": {"decay_milestones": [10, 20]}}, True),
+    ("cosine", {"baseline": {"decay_epochs": 7}}, False),
+    ("baseline", {"baseline": {"decay_epochs": 7}}, True),
+    ("cosine", {"baseline": {"decay_rate": 0.5}}, False),  # cosine's cycle decay is timm's, not decay_rate
+    ("poly", {"baseline": {"decay_rate": 0.5}}, True),  # poly's power
+    ("baseline", {"baseline": {"min_lr": 0.01}}, False),
+    ("cosine", {"baseline": {"min_lr": 0.01}}, True),
+    ("baseline", {"baseline": {"warmup_lr": 0.01}}, False),  # no warmup epochs
+    ("cosine", {"baseline": {"warmup_lr": 0.01}}, True),
+    ("adamw", {"baseline": {"momentum": 0.5}}, False),
+    ("lion", {"baseline": {"momentum": 0.5}}, False),
+    ("baseline", {"baseline": {"momentum": 0.5}}, True),  # SGD
+    ("rmsprop", {"baseline": {"momentum": 0.5}}, True),
+    ("randaugment", {"baseline": {"color_jitter": 0.4}}, False),  # timm drops colour jitter under RandAugment
+    ("baseline", {"baseline": {"color_jitter": 0.4}}, True),
+    ("baseline", {"baseline": {"pretrained_file": "weights.safetensors"}}, False),
+    ("pretrained", {"baseline": {"pretrained_file": "weights.safetensors"}}, True),
+    ("kaiming", {"models": {"convnext_t": {"pretrained_tag": "fb_in22k_ft_in1k"}}}, False),
+    ("pretrained", {"models": {"convnext_t": {"pretrained_tag": "fb_in22k_ft_in1k"}}}, True),
+    ("baseline", {"baseline": {"lr_base_size": 512}}, True),
+    ("baseline", {"baseline": {"lr_scale": "none", "lr_base_size": 512}}, "vs lr_scale none"),
+]
+
+
+@pytest.mark.parametrize(("variant", "edit", "used"), RECIPE_EDITS)
+def test_a_runs_recipe_changes_only_with_the_settings_it_uses(variant, edit, used):
+    before_cfg = study.validate(copy.deepcopy(REAL))
+    if used == "vs lr_scale none":  # lr_base_size is unused once lr no longer scales with the batch
+        before_cfg["baseline"]["lr_scale"], used = "none", False
+    after_cfg = study.merge_config(copy.deepcopy(before_cfg), copy.deepcopy(edit))
+    before = study.run_recipe(before_cfg, "convnext_t", variant, 0)
+    after = study.run_recipe(after_cfg, "convnext_t", variant, 0)
+    assert (before != after) is used, (before["hparams"], after["hparams"])
+
+
+def test_the_pretrained_tag_and_file_reach_only_pretrained_runs():
+    cfg = study.validate(copy.deepcopy(REAL))
+    plain, pretrained = (study.run_recipe(cfg, "convnext_t", v, 0) for v in ("baseline", "pretrained"))
+    assert "pretrained_tag" not in plain and "pretrained_file" not in plain["hparams"]
+    assert pretrained["pretrained_tag"] == "fb_in1k" and "pretrained_file" in pretrained["hparams"]
+
+
+def test_an_optuna_trial_keeps_the_settings_its_sampled_values_make_it_use():
+    cfg = study.validate(copy.deepcopy(REAL))
+    assert "decay_milestones" not in study.run_recipe(cfg, "convnext_t", "baseline", 0)["hparams"]
+    trial = study.run_recipe(cfg, "convnext_t", "baseline", 0, overrides={"sched": "multistep"})
+    assert trial["hparams"]["decay_milestones"] == REAL["baseline"]["decay_milestones"]
+
+
+def test_optimizers_without_momentum_match_timms_registry():
+    from timm.optim._optim_factory import default_registry
+
+    opts = study.schema()["$defs"]["hparams"]["properties"]["opt"]["enum"]
+    no_momentum = {o for o in opts if not default_registry.get_optimizer_info(o).has_momentum}
+    assert no_momentum == study.NO_MOMENTUM_OPTS & set(opts)
+
+
+def test_the_data_definition_leaves_out_only_where_the_data_lives():
+    cfg = study.validate(copy.deepcopy(REAL))
+    cfg["data"]["stage_to"] = "/tmp/node"
+    assert study.data_definition(cfg, with_root=True) == {k: v for k, v in cfg["data"].items() if k != "stage_to"}
+    assert study.data_definition(cfg) == {k: v for k, v in cfg["data"].items() if k not in ("root", "stage_to")}
+
+
+def test_data_is_redefined_only_when_the_prepared_report_records_another_subset(tmp_path):
+    cfg = study.validate(copy.deepcopy(REAL))
+    cfg["data"]["root"] = str(tmp_path)
+    assert not study.data_redefined(cfg)  # nothing prepared yet (or purged): nothing to compare
+    recorded = {**cfg["data"], "root": "/old/scratch", "stage_to": "/tmp/node"}  # moved and staged elsewhere
+    (tmp_path / "prepare_report.json").write_text(json.dumps({"config": recorded}))
+    assert not study.data_redefined(cfg)
+    cfg["data"]["per_class"] += 1
+    assert study.data_redefined(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -172,6 +173,36 @@ def test_editing_a_variants_recipe_retrains_exactly_that_variant(tiny_study, tmp
     planned = set(re.findall(r"runs/(\w+)/(\w+)/seed0/metrics\.json", proc.stdout))
     assert planned == {("mobilenetv3_l", "cosine"), ("mobilevitv2_xs", "cosine")}
     assert "Params have changed since last execution" in proc.stdout
+
+
+@pytest.mark.slow
+def test_editing_a_setting_no_run_uses_retrains_nothing(tiny_study, tmp_path):
+    # the tiny study's runs use AdamW and a cosine schedule without warmup: none of these reaches them
+    edit = {
+        "baseline": {"decay_milestones": [1], "decay_rate": 0.5, "momentum": 0.5, "warmup_lr": 0.001},
+        "models": {"mobilenetv3_l": {"pretrained_tag": "miil_in21k_ft_in1k"}},
+    }
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump(edit))
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump({"baseline": {"min_lr": 0.001}}))  # cosine's floor: used
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
+    assert job_counts(proc.stdout)["train"] == 4
+
+
+@pytest.mark.slow
+def test_touched_manifests_retrain_nothing_and_a_changed_subset_retrains(tiny_study, tmp_path):
+    study_copy = tmp_path / "study"
+    shutil.copytree(tiny_study, study_copy, symlinks=True)
+    for name in ("train.csv", "val.csv"):  # as a `touch`, a copy without dates or a restored backup leaves them
+        os.utime(study_copy / "data/tiny" / name)
+    # the real train.csv is above Snakemake's checksum limit, so only its date counts: so here too
+    proc = snakemake(study_copy, "-n", "report", "--max-checksum-file-size", "1", *TINY_ARGS)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump({"data": {"per_class": 11}}))
+    proc = snakemake(study_copy, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
+    counts = job_counts(proc.stdout)
+    assert counts["prepare_data"] == 1 and counts["train"] == 4 and counts["benchmark"] == 2, counts
 
 
 @pytest.mark.slow
