@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +82,7 @@ def fingerprint(root: str | os.PathLike) -> str:
     (``prepare_report.json``'s ``config``: an image size changes the files, not the manifests), where they are, not
     where they were copied from or to."""
     root = Path(root)
-    digest = hashlib.sha256()
-    for name in TOP_FILES:
-        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
+    digest = hashlib.sha256(_manifest_digest(root).encode())
     report = root / "prepare_report.json"
     if report.is_file():
         settings = json.loads(report.read_text()).get("config") or {}
@@ -92,32 +92,54 @@ def fingerprint(root: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- staging
-def _expected(root: Path) -> tuple[str, dict[str, int]]:
-    """A digest of the manifests and the size of every file a staged copy must hold (from the source root)."""
+STAGE_THREADS = 16  # files copied at once: a shared file system serves small files far faster in parallel
+
+
+def _manifest_digest(root: Path) -> str:
+    """A digest of the manifests: what a staged copy must hold (its images are named in them)."""
     digest = hashlib.sha256()
-    sizes: dict[str, int] = {}
     for name in TOP_FILES:
         path = root / name
         if not path.is_file():
             raise LcnnError(f"{path} does not exist; prepare the data first (python -m lcnn.data or snakemake)")
         digest.update(name.encode() + b"\0" + path.read_bytes())
-        sizes[name] = path.stat().st_size
+    return digest.hexdigest()
+
+
+def _source_sizes(root: Path) -> dict[str, int]:
+    """The size of every file a staged copy must hold, read from the source (one stat each: only when copying)."""
+    sizes = {name: (root / name).stat().st_size for name in TOP_FILES}
     for split in ("train", "val"):
         with open(root / f"{split}.csv", newline="") as fh:
             for row in csv.DictReader(fh):
                 sizes[row["path"]] = (root / row["path"]).stat().st_size
-    return digest.hexdigest(), sizes
+    return sizes
 
 
-def _complete(copy: Path, digest: str, sizes: dict[str, int]) -> bool:
-    """A staged copy is complete when its stamp names the same manifests and every file has its expected size."""
+def _complete(copy: Path, digest: str) -> bool:
+    """A staged copy is complete when its stamp names the same manifests and every file it lists (the source's
+    files, with their sizes when copied) has that size: local stats only, never the shared file system's."""
     try:
         stamp = json.loads((copy / STAMP).read_text())
+        sizes = stamp["sizes"]
         if stamp.get("digest") != digest or stamp.get("files") != len(sizes):
             return False
         return all((copy / rel).stat().st_size == size for rel, size in sizes.items())
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def _copy_all(root: Path, copy: Path, sizes: dict[str, int]) -> None:
+    """Copy every file, STAGE_THREADS at a time, printing progress about every tenth of the files."""
+    for folder in {(copy / rel).parent for rel in sizes}:
+        folder.mkdir(parents=True, exist_ok=True)
+    total, t0 = len(sizes), time.monotonic()
+    step = max(1, total // 10)
+    with ThreadPoolExecutor(STAGE_THREADS) as pool:
+        for done, _ in enumerate(pool.map(lambda rel: shutil.copyfile(root / rel, copy / rel), sizes), 1):
+            if done % step == 0 or done == total:
+                rate = done / max(time.monotonic() - t0, 1e-9)
+                print(f"lcnn.dataset: staged {done}/{total} files ({rate:.0f} files/s)", file=sys.stderr, flush=True)
 
 
 def stage(root: str | os.PathLike, stage_to: str | None) -> Path:
@@ -125,7 +147,8 @@ def stage(root: str | os.PathLike, stage_to: str | None) -> Path:
 
     The copy is named by the manifests' digest, so a new prepared subset never reuses an old copy. Processes of one
     job (or jobs sharing a node) take a file lock, so the subset is copied once; a copy that is incomplete or
-    corrupt (a missing file, a wrong size, no stamp) is deleted and made again.
+    corrupt (a missing file, a wrong size, no stamp) is deleted and made again. Checking a copy reads only the
+    manifests from ``root``; copying stats and copies its files, :data:`STAGE_THREADS` at a time.
     """
     root = Path(root)
     if not stage_to:
@@ -133,22 +156,21 @@ def stage(root: str | os.PathLike, stage_to: str | None) -> Path:
     base = Path(os.path.expandvars(os.path.expanduser(stage_to)))
     if "$" in str(base):
         raise LcnnError(f"data.stage_to={stage_to} names an unset environment variable; set it or use a path")
-    digest, sizes = _expected(root)
+    digest = _manifest_digest(root)
     copy = base / f"lcnn_data_{digest[:16]}"
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".lcnn_stage.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(copy, digest, sizes):
+        if _complete(copy, digest):
             return copy
         if copy.exists():
             print(f"lcnn.dataset: {copy} is incomplete or differs from {root}; copying it again", file=sys.stderr)
             shutil.rmtree(copy)
+        sizes = _source_sizes(root)
         print(f"lcnn.dataset: staging {len(sizes)} files from {root} to {copy}", file=sys.stderr, flush=True)
-        for rel in sizes:
-            dst = copy / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / rel, dst)
-        atomic_write_json(copy / STAMP, {"digest": digest, "files": len(sizes), "source": str(root.resolve())})
-        if not _complete(copy, digest, sizes):
+        _copy_all(root, copy, sizes)
+        stamp = {"digest": digest, "files": len(sizes), "source": str(root.resolve()), "sizes": sizes}
+        atomic_write_json(copy / STAMP, stamp)
+        if not _complete(copy, digest):
             raise LcnnError(f"the staged copy {copy} does not match {root} after copying; check the space on {base}")
     return copy

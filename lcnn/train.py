@@ -136,6 +136,13 @@ class Job:
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one run described by ``cfg`` (see :func:`lcnn.config.run_config`) into ``cfg['out_dir']``."""
     faulthandler.enable()  # a segfault in a native library names itself and the Python stack in the job's log
+    try:
+        return _train(cfg)
+    finally:  # however it ends (done, preempted, failed), this process no longer trains the run
+        owner.release(cfg["out_dir"])
+
+
+def _train(cfg: dict[str, Any]) -> dict[str, Any]:
     job = setup(cfg)
     resume(job)
     announce(job)
@@ -700,7 +707,6 @@ def hand_off(job: Job, diverged: dict[str, int] | None) -> None:
             checkpoint.remove(job.out)
         if cfg.get("init_state"):  # the previous rung's state, now carried on into this rung's outputs
             checkpoint.remove(cfg["init_state"])
-    owner.release(job.out)
 
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s", "seconds", "data_wait_s"]
