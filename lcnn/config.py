@@ -380,15 +380,20 @@ def run_config(cfg: dict[str, Any], model: str, variant: str, seed: int) -> dict
     return merge_run(run_recipe(cfg, model, variant, seed), run_execution(cfg))
 
 
-def data_definition(cfg: dict[str, Any], with_root: bool = False) -> dict[str, Any]:
-    """What the prepared subset is (source, classes, images per class, size, seed, ...): ``data:`` without
-    ``stage_to`` and, unless ``with_root``, ``root``, which only say where it lives.
+# data: keys that say where things live, not what the prepared subset is: where it is prepared, where jobs copy it,
+# and where the raw ImageNet folders are mounted
+DATA_LOCATION_KEYS = ("root", "stage_to", "imagenet")
 
-    prepare_data takes it with the root as its params; the rules that read the manifests (train, train_rung,
+
+def data_definition(cfg: dict[str, Any], with_root: bool = False) -> dict[str, Any]:
+    """What the prepared subset is (source, classes, images per class, size, seed, ...): ``data:`` without the
+    :data:`DATA_LOCATION_KEYS`; ``with_root`` (prepare_data's params) keeps ``root`` and the raw ImageNet paths.
+
+    prepare_data takes it with them as its params; the rules that read the manifests (train, train_rung,
     train_trial, benchmark) take it without, so a changed subset retrains while a moved, touched or re-copied
-    one does not (their manifest inputs are ancient()).
+    one (or moved raw ImageNet folders) does not (their manifest inputs are ancient()).
     """
-    left_out = {"stage_to"} if with_root else {"stage_to", "root"}
+    left_out = {"stage_to"} if with_root else set(DATA_LOCATION_KEYS)
     return {k: copy.deepcopy(v) for k, v in cfg["data"].items() if k not in left_out}
 
 
@@ -402,7 +407,7 @@ def data_redefined(cfg: dict[str, Any]) -> bool:
     """
     try:
         recorded = json.loads((Path(cfg["data"]["root"]) / "prepare_report.json").read_text())["config"]
-        return {k: v for k, v in recorded.items() if k not in ("root", "stage_to")} != data_definition(cfg)
+        return {k: v for k, v in recorded.items() if k not in DATA_LOCATION_KEYS} != data_definition(cfg)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 

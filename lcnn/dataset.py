@@ -25,6 +25,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from lcnn.config import DATA_LOCATION_KEYS
 from lcnn.prepare import _to_rgb, load_rgb, read_classes
 from lcnn.utils import LcnnError, atomic_write_json
 
@@ -86,7 +87,7 @@ def fingerprint(root: str | os.PathLike) -> str:
     report = root / "prepare_report.json"
     if report.is_file():
         settings = json.loads(report.read_text()).get("config") or {}
-        kept = {k: v for k, v in settings.items() if k not in ("root", "stage_to", "imagenet")}  # locations
+        kept = {k: v for k, v in settings.items() if k not in DATA_LOCATION_KEYS}
         digest.update(json.dumps(kept, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -145,7 +146,8 @@ def _copy_all(root: Path, copy: Path, sizes: dict[str, int]) -> None:
 def stage(root: str | os.PathLike, stage_to: str | None) -> Path:
     """The folder the loaders read: ``root`` itself, or its verified copy under ``stage_to`` (copied if needed).
 
-    The copy is named by the manifests' digest, so a new prepared subset never reuses an old copy. Processes of one
+    The copy is named by the subset's :func:`fingerprint`, so a new prepared subset (other manifests, or the same
+    manifests prepared at another size or quality) never reuses an old copy. Processes of one
     job (or jobs sharing a node) take a file lock, so the subset is copied once; a copy that is incomplete or
     corrupt (a missing file, a wrong size, no stamp) is deleted and made again. Checking a copy reads only the
     manifests from ``root``; copying stats and copies its files, :data:`STAGE_THREADS` at a time.
@@ -156,8 +158,8 @@ def stage(root: str | os.PathLike, stage_to: str | None) -> Path:
     base = Path(os.path.expandvars(os.path.expanduser(stage_to)))
     if "$" in str(base):
         raise LcnnError(f"data.stage_to={stage_to} names an unset environment variable; set it or use a path")
-    digest = _manifest_digest(root)
-    copy = base / f"lcnn_data_{digest[:16]}"
+    digest = fingerprint(root)  # manifests and preparation settings: images re-prepared at another size get a new copy
+    copy = base / f"lcnn_data_{digest}"
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".lcnn_stage.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

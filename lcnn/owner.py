@@ -54,20 +54,20 @@ def claim(run_dir: str | os.PathLike) -> None:
 
 
 def release(run_dir: str | os.PathLike) -> None:
-    """Remove the record once the run's outputs are written (only this job's own)."""
+    """Remove the record once this process no longer trains the run: only a record of this very process (job,
+    host, pid and start time), never one that refused it (another node's trainer may have the same pid)."""
     path = Path(run_dir) / OWNER
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
+        if json.loads(path.read_text()) == this_job():
             path.unlink()
     except (OSError, ValueError):
         pass
 
 
 def _other_live_job(other: dict[str, Any], me: dict[str, Any]) -> bool:
-    if other.get("slurm_job_id"):
-        if other["slurm_job_id"] == me["slurm_job_id"]:  # this job again, requeued by SLURM
-            return False
+    if other.get("slurm_job_id") and other["slurm_job_id"] != me["slurm_job_id"]:
         return slurm_job_live(str(other["slurm_job_id"]))
+    # no SLURM job, or this one (requeued by SLURM, or trainers started inside one allocation): the process decides
     if other.get("host") != me["host"] or other.get("pid") == me["pid"]:
         return False  # another host's process cannot be checked from here; our own pid is us
     return other.get("start") is not None and _start_time(int(other["pid"])) == other["start"]

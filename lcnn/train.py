@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from lcnn import checkpoint, dataset, devices, models, owner, tracking
-from lcnn.config import RECIPE_TRAIN_KEYS, merge_run
+from lcnn.config import RECIPE_TRAIN_KEYS, merge_run, used_hparams
 from lcnn.launch import EXIT_PREEMPTED, STOP_SIGNALS, note_preempted
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
 from lcnn.utils import (
@@ -55,6 +55,7 @@ MIN_LOSS_SCALE = 1e-4
 # a training epoch whose step waited on the loader for more than this share of its time is loader-bound: the GPU
 # idles for it, so the epoch line says so and metrics.json records the share (more loader workers, or staging fix it)
 DATA_WAIT_WARN = 0.10
+NEWER_IDENTITY_KEYS = ("steps_per_epoch", "data")  # identity keys a state saved by an older lcnn lacks
 ACCELERATE_KEPT = {"ACCELERATE_LOG_LEVEL"}  # Accelerate's variables a job may take from its environment (logging)
 
 
@@ -334,9 +335,12 @@ def resume(job: Job) -> None:
 def _check_state_fits(meta: dict[str, Any], job: Job, folder: Path) -> None:
     """Refuse, naming both sides, a saved state of another model, recipe, seed or device count."""
     old, new = meta.get("run") or {}, identity(job)
-    flat_old = {**{k: v for k, v in old.items() if k != "hparams"}, **(old.get("hparams") or {})}
+    old_hparams = used_hparams(old.get("hparams") or {})  # a state saved before recipes dropped unused settings
+    flat_old = {**{k: v for k, v in old.items() if k != "hparams"}, **old_hparams}
+    for key in NEWER_IDENTITY_KEYS:  # a state saved before lcnn recorded them: not checked, as then
+        flat_old.setdefault(key, new[key])
     flat_new = {**{k: v for k, v in new.items() if k != "hparams"}, **new["hparams"]}
-    keys = [k for k in new if k != "hparams"] + sorted(new["hparams"].keys() | (old.get("hparams") or {}).keys())
+    keys = [k for k in new if k != "hparams"] + sorted(new["hparams"].keys() | old_hparams.keys())
     changed = [k for k in keys if flat_old.get(k) != flat_new.get(k)]  # who it belongs to first, then the recipe
     if changed:
         shown = ", ".join(f"{k} {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed[:4])
@@ -715,7 +719,7 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "ima
 def _history_csv(history: list[dict[str, Any]]) -> str:
     lines = [",".join(HISTORY_COLUMNS)]
     lines += [
-        ",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in HISTORY_COLUMNS)
+        ",".join(f"{v:.6g}" if isinstance(v := row.get(c, ""), float) else str(v) for c in HISTORY_COLUMNS)
         for row in history
     ]
     return "\n".join(lines) + "\n"

@@ -164,7 +164,8 @@ def test_the_data_definition_leaves_out_only_where_the_data_lives():
     cfg = study.validate(copy.deepcopy(REAL))
     cfg["data"]["stage_to"] = "/tmp/node"
     assert study.data_definition(cfg, with_root=True) == {k: v for k, v in cfg["data"].items() if k != "stage_to"}
-    assert study.data_definition(cfg) == {k: v for k, v in cfg["data"].items() if k not in ("root", "stage_to")}
+    where = ("root", "stage_to", "imagenet")  # where the subset, its copies and raw ImageNet live
+    assert study.data_definition(cfg) == {k: v for k, v in cfg["data"].items() if k not in where}
 
 
 def test_data_is_redefined_only_when_the_prepared_report_records_another_subset(tmp_path):
@@ -172,6 +173,7 @@ def test_data_is_redefined_only_when_the_prepared_report_records_another_subset(
     cfg["data"]["root"] = str(tmp_path)
     assert not study.data_redefined(cfg)  # nothing prepared yet (or purged): nothing to compare
     recorded = {**cfg["data"], "root": "/old/scratch", "stage_to": "/tmp/node"}  # moved and staged elsewhere
+    recorded["imagenet"] = {**recorded["imagenet"], "train_dir": "/old/mount/train"}  # raw ImageNet moved too
     (tmp_path / "prepare_report.json").write_text(json.dumps({"config": recorded}))
     assert not study.data_redefined(cfg)
     cfg["data"]["per_class"] += 1

@@ -311,6 +311,11 @@ def test_staging_copies_verifies_reuses_and_redoes(
     data.run(clean.data_cfg(root, per_class=3))
     again = data.stage(root, str(local))
     assert again != staged and len(manifest(again, "train")) == 9
+    # nor does the same subset re-prepared at another size: its manifests are the same, its images are not
+    data.run(clean.data_cfg(root, per_class=3, short_side=48))
+    resized = data.stage(root, str(local))
+    assert resized != again and manifest(resized, "train") == manifest(again, "train")
+    assert all(sha1(resized / r["path"]) == sha1(root / r["path"]) for r in manifest(root, "train"))
     monkeypatch.setenv("LCNN_TEST_LOCAL", str(tmp_path / "env"))
     assert data.stage(root, "$LCNN_TEST_LOCAL/lcnn").parent == tmp_path / "env" / "lcnn"
     with pytest.raises(LcnnError, match=r"data.stage_to=\$LCNN_UNSET_VARIABLE names an unset environment variable"):

@@ -314,6 +314,14 @@ def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     (other / "prepare_report.json").write_text(json.dumps(report))
     with pytest.raises(LcnnError, match="trained with other settings .*data '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
         train.run({**cut, "data_root": str(other)})
+    # a state saved by an older lcnn: no steps per epoch or data fingerprint, and settings its recipe does not use
+    meta_path = checkpoint.find(tmp_path / "cut") / checkpoint.META_FILE
+    meta = json.loads(meta_path.read_text())
+    for key in train.NEWER_IDENTITY_KEYS:
+        del meta["run"][key]
+    meta["run"]["hparams"]["decay_milestones"] = [1, 2]  # read by multistep schedules only; this one is cosine
+    assert meta["run"]["hparams"]["sched"] == "cosine"
+    meta_path.write_text(json.dumps(meta))
     resumed = train_subprocess(cut)
     log = resumed.stdout.read()
     assert resumed.wait(timeout=600) == 0, log
@@ -351,6 +359,27 @@ def test_a_second_trainer_on_a_run_folder_that_is_being_trained_stops_at_once_na
     assert first.wait(timeout=300) == train.EXIT_PREEMPTED, rest
     owner.claim(rc["out_dir"])  # its owner has ended: the retry takes the folder over
     assert json.loads((tmp_path / "run" / owner.OWNER).read_text())["pid"] == os.getpid()
+
+
+def test_the_owner_record_is_released_only_by_its_own_process_and_a_same_job_twin_is_refused(tmp_path, monkeypatch):
+    """A refused twin must not delete the record that refused it, though another node's trainer may have its pid;
+    and trainers started inside one SLURM allocation share its job id, so there the process decides."""
+    (tmp_path / owner.OWNER).write_text(json.dumps({"slurm_job_id": "999", "host": "gpu-node-7", "pid": os.getpid()}))
+    owner.release(tmp_path)
+    assert (tmp_path / owner.OWNER).exists()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        alive = {**owner.this_job(), "pid": sleeper.pid, "start": owner._start_time(sleeper.pid)}
+        (tmp_path / owner.OWNER).write_text(json.dumps(alive))
+        with pytest.raises(LcnnError, match=f"is being trained by SLURM job 77 on {alive['host']}"):
+            owner.claim(tmp_path)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    owner.claim(tmp_path)  # that process has ended: the folder is this one's, and so is the record it releases
+    owner.release(tmp_path)
+    assert not (tmp_path / owner.OWNER).exists()
 
 
 def test_a_stop_signal_during_validation_exits_after_the_epochs_save_not_a_check_later(
