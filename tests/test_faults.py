@@ -30,7 +30,7 @@ import yaml
 from conftest import REPO, TINY_ARGS, copy_workflow, snakemake, tiny_config
 from safetensors.torch import load_file
 
-from lcnn import checkpoint, models, results, utils
+from lcnn import checkpoint, launch, models, owner, results, utils
 from lcnn import config as study
 from lcnn.utils import LcnnError
 
@@ -414,7 +414,7 @@ def _check_consistent(out: Path) -> None:
     """Whatever moment the kill hit: nothing partial looks complete, and what is there loads."""
     names = {p.name for p in out.iterdir()} if out.is_dir() else set()
     state_dirs = {checkpoint.STATE_DIR, f"{checkpoint.STATE_DIR}.tmp", f"{checkpoint.STATE_DIR}.old"}
-    for name in names - OUTPUTS - state_dirs:
+    for name in names - OUTPUTS - state_dirs - {owner.OWNER}:  # a killed trainer's record: a dead process, no output
         assert name.startswith(".") and name.endswith(".tmp"), f"stray file {name} in {out}"
     state = checkpoint.find(out)  # a complete state folder, whatever moment the kill hit the save
     if state is not None:
@@ -523,8 +523,11 @@ def test_failed_job_fails_the_run_and_spares_the_others(faulted_study):
     assert first.returncode != 0, "a failed training job must fail the workflow"
     assert "trained with other settings (timm_name 'resnet50' -> 'mobilevitv2_050'" in faulted_study["fail_log"]
     assert "Traceback" not in faulted_study["fail_log"]
-    left = [p for p in done if p.startswith(f"runs/{FAIL_RUN}/")]
+    kept = f"runs/{FAIL_RUN}/{launch.FAILED_LOGS}/"  # its log, kept for after the retry: not an output
+    left = [p for p in done if p.startswith(f"runs/{FAIL_RUN}/") and not p.startswith(kept)]
     assert not left, f"the failed job left outputs behind: {left}"
+    (kept_log,) = [p for p in done if p.startswith(kept)]
+    assert "trained with other settings" in (faulted_study["workdir"] / kept_log).read_text()
     assert "results/mobilevitv2_xs/cosine.json" not in done
     assert not [p for p in done if p.startswith("results/report/")]
     failed_pair = FAIL_RUN.rsplit("/", 1)[0]
