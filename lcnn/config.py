@@ -397,6 +397,16 @@ def data_definition(cfg: dict[str, Any], with_root: bool = False) -> dict[str, A
     return {k: copy.deepcopy(v) for k, v in cfg["data"].items() if k not in left_out}
 
 
+def prepared_definition(root: str | Path) -> dict[str, Any] | None:
+    """The definition a prepared subset was drawn under: its ``prepare_report.json``'s config without the
+    :data:`DATA_LOCATION_KEYS`; None when there is no readable report."""
+    try:
+        recorded = json.loads((Path(root) / "prepare_report.json").read_text())["config"]
+        return {k: v for k, v in recorded.items() if k not in DATA_LOCATION_KEYS}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def data_redefined(cfg: dict[str, Any]) -> bool:
     """Whether the subset prepared under ``data.root`` was drawn under another definition than the config's now
     (the config its prepare_report.json records); False when there is no readable report to compare with.
@@ -405,11 +415,8 @@ def data_redefined(cfg: dict[str, Any]) -> bool:
     the params of a job downstream of one that reruns when its inputs from it are all ancient, so a changed subset
     must reach them as an updated input instead.
     """
-    try:
-        recorded = json.loads((Path(cfg["data"]["root"]) / "prepare_report.json").read_text())["config"]
-        return {k: v for k, v in recorded.items() if k not in DATA_LOCATION_KEYS} != data_definition(cfg)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    recorded = prepared_definition(cfg["data"]["root"])
+    return recorded is not None and recorded != data_definition(cfg)
 
 
 # ------------------------------------------------------------------------------------------ search (halving)

@@ -25,7 +25,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from lcnn.config import DATA_LOCATION_KEYS
+from lcnn.config import prepared_definition
 from lcnn.prepare import _to_rgb, load_rgb, read_classes
 from lcnn.utils import LcnnError, atomic_write_json
 
@@ -84,11 +84,9 @@ def fingerprint(root: str | os.PathLike) -> str:
     where they were copied from or to."""
     root = Path(root)
     digest = hashlib.sha256(_manifest_digest(root).encode())
-    report = root / "prepare_report.json"
-    if report.is_file():
-        settings = json.loads(report.read_text()).get("config") or {}
-        kept = {k: v for k, v in settings.items() if k not in DATA_LOCATION_KEYS}
-        digest.update(json.dumps(kept, sort_keys=True).encode())
+    settings = prepared_definition(root)
+    if settings is not None:
+        digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

@@ -77,18 +77,18 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, lo: float, hi: float) -
         else:
             note = ""
         holds = yn(in_range and beyond == "yes" and corrected)
+        notes = [note]
         if n < n_runs:  # its mean leaves out the seeds that blew up: the gain is not shown to be robust
-            lost = f"{n_runs - n}/{n_runs} diverged"
-            holds = f"unclear ({lost})" if holds == "yes" else holds
-            note = "; ".join(filter(None, [note, f"{n_runs - n} of {n_runs} seeds of {b['best_variant']} diverged"]))
+            holds = f"unclear ({n_runs - n}/{n_runs} diverged)" if holds == "yes" else holds
+            notes.append(f"{n_runs - n} of {n_runs} seeds of {b['best_variant']} diverged")
         n_base_runs = int(b.get("n_baseline_runs", b["n_baseline"]))
         if int(b["n_baseline"]) < n_base_runs:  # the reference itself is a mean over the seeds that survived
-            lost = f"{n_base_runs - int(b['n_baseline'])} of {n_base_runs} baseline seeds diverged"
-            note = "; ".join(filter(None, [note, f"{lost}: the baseline mean is over the rest"]))
+            lost = n_base_runs - int(b["n_baseline"])
+            notes.append(f"{lost} of {n_base_runs} baseline seeds diverged: the baseline mean is over the rest")
         if b.get("excluded_variants"):
-            note = "; ".join(filter(None, [note, f"ranked without variants that lost seeds: {b['excluded_variants']}"]))
+            notes.append(f"ranked without variants that lost seeds: {b['excluded_variants']}")
         row |= {"measured": measured, "in_range": yn(in_range), "beyond_seed_noise": beyond, "holds": holds}
-        rows.append(row | {"note": note})
+        rows.append(row | {"note": "; ".join(filter(None, notes))})
     return rows
 
 
