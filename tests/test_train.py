@@ -396,8 +396,13 @@ def test_a_stop_signal_during_validation_exits_after_the_epochs_save_not_a_check
         return validate(*args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate", signalled_evaluate)
-    with pytest.raises(SystemExit) as stopped:
-        train.run(rc)
+    before = {sig: signal.getsignal(sig) for sig in train.STOP_SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.run(rc)
+    finally:  # a stopped run ignores stop signals from then on; the children of later tests would inherit that
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     assert stopped.value.code == train.EXIT_PREEMPTED
     meta = checkpoint.read_meta(checkpoint.find(tmp_path / "run"))
     assert (meta["epoch"], meta["step"]) == (1, 0)  # epoch 1 done, not one step of epoch 2
