@@ -56,7 +56,12 @@ MIN_LOSS_SCALE = 1e-4
 # idles for it, so the epoch line says so and metrics.json records the share (more loader workers, or staging fix it)
 DATA_WAIT_WARN = 0.10
 NEWER_IDENTITY_KEYS = ("steps_per_epoch", "data")  # identity keys a state saved by an older lcnn lacks
-ACCELERATE_KEPT = {"ACCELERATE_LOG_LEVEL"}  # Accelerate's variables a job may take from its environment (logging)
+ACCELERATE_KEPT = {"ACCELERATE_LOG_LEVEL"}
+# Seeds of one run's streams are spaced this far apart. Accelerate's seedable sampler shuffles epoch e with
+# data_seed + e, and set_seed(device_specific=True) seeds rank r with seed + r: on the seed itself, seed 1 would
+# replay seed 0's shuffles one epoch later (and seed 1's rank 0 draw seed 0's rank-1 masks), so the seeds' spread,
+# the noise every gain is measured against, would come out too small. Seed 0 on one process is unchanged.
+SEED_STRIDE = 1_000_003  # Accelerate's variables a job may take from its environment (logging)
 
 
 class Progress:
@@ -236,8 +241,13 @@ def setup(cfg: dict[str, Any]) -> Job:
             tracking.ensure_mlflow_experiment()
         accelerator.init_trackers(tracking.PROJECT, config=tracking.hparams(cfg))
     # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
-    set_seed(cfg["seed"], device_specific=True)
+    set_seed(rank_seed(cfg["seed"], accelerator.process_index))
     return job
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The process RNG seed of ``rank`` in a run of ``seed``: distinct for every seed and rank of a study."""
+    return seed + SEED_STRIDE * rank
 
 
 def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
@@ -271,7 +281,7 @@ def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
         gradient_accumulation_steps=1,  # the loop steps on every batch
         dynamo_backend="no",  # explicit: ACCELERATE_* variables and config files never change a study's job
         dataloader_config=DataLoaderConfiguration(
-            use_seedable_sampler=True, data_seed=cfg["seed"], non_blocking=device == "cuda"
+            use_seedable_sampler=True, data_seed=cfg["seed"] * SEED_STRIDE, non_blocking=device == "cuda"
         ),
     )
     if ignored:

@@ -279,6 +279,26 @@ def test_precise_bn_replaces_statistics_that_lag_the_weights(built_data, tmp_pat
     assert fresh > 10 * stale, (fresh, stale)  # the logits vary with the image again (measured: 0.2 against 7e-13)
 
 
+def test_seeds_shuffle_and_draw_from_streams_no_other_seed_or_rank_uses(built_data, tmp_path):
+    """Seed 1 must not replay seed 0's shuffles one epoch later (Accelerate seeds epoch e with data_seed + e), nor
+    one seed's rank draw another's masks: the seeds' spread is the noise every gain is judged against."""
+    orders = {}
+    for seed in (0, 1):
+        rc = run_cfg(built_data, tmp_path / f"seed{seed}", log_with=[])
+        rc["seed"] = seed
+        job = train.setup(rc)
+        sampler = job.train_loader.get_sampler()
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            orders[seed, epoch] = list(sampler)
+        job.accelerator.end_training()
+        owner.release(rc["out_dir"])
+    assert len({tuple(order) for order in orders.values()}) == len(orders), "two (seed, epoch) share a shuffle"
+    assert sorted(orders[0, 0]) == sorted(orders[1, 0])  # a shuffle of the same images
+    streams = {train.rank_seed(seed, rank) for seed in range(10) for rank in range(8)}
+    assert len(streams) == 80 and train.rank_seed(0, 0) == 0
+
+
 @pytest.mark.slow
 def test_preempted_run_resumes_to_identical_weights(built_data, tmp_path):
     """SIGUSR1 mid-epoch saves the full state and exits 75; the rerun ends exactly like an uninterrupted run.
