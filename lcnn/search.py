@@ -7,11 +7,12 @@ full budget as references, so gains are still measured against the same baseline
 :func:`summarize_halving` adds up what was spent and names the winner; :func:`halving_table` sets that against the
 full grid.
 
-Promotion respects noise (``search.promote``): ``mean`` ranks by mean top-1; ``lcb`` by the lower bound of its
-confidence interval (over seeds, t, with two or more; else the validation set's binomial interval of the one run),
-so a variant that is good on one lucky seed ranks below a steady one; ``overlap`` keeps the best ceil(n/eta) by mean
-plus every variant whose interval overlaps the best one's, so no variant is dropped on a difference within noise.
-Each selection records which rule and interval decided.
+Promotion (``search.promote``): ``mean`` keeps the best ceil(n/eta) by mean top-1; ``overlap`` keeps those plus
+every variant whose interval overlaps the best one's, so no variant is dropped on a difference within noise. The
+interval (:func:`promotion_intervals`) pools the seed-to-seed variance over the rung's variants, which share their
+seeds: two or three seeds per variant say little about that variant's own spread, and two seeds that agree to the
+image would count as certainty. It is never narrower than the validation set's binomial interval. Each selection
+records which rule and intervals decided.
 
 Selection is deterministic: higher mean top-1 first, then lower mean validation loss (early rungs often leave
 several variants at chance accuracy, where the loss still tells them apart), then higher top-5, then the variant
@@ -29,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from lcnn.stats import binomial_ci, mean_ci
+from lcnn.stats import binomial_ci, mean_ci, t_quantile
 from lcnn.utils import LcnnError, atomic_write_json, cli, json_arg, read_json
 
 RUN_KEYS = ("top1", "top5", "status", "epochs_completed", "train_seconds", "device_hours", "device_type")
@@ -37,7 +38,7 @@ RUN_KEYS += ("val_images", "val_loss")
 
 
 # ------------------------------------------------------------------------------------------------ selection
-PROMOTE_RULES = ("mean", "lcb", "overlap")
+PROMOTE_RULES = ("mean", "overlap")
 
 
 def score(runs: list[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
@@ -48,7 +49,11 @@ def score(runs: list[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any
     losses = [r.get("val_loss") for r in ok]
     loss = statistics.fmean(losses) if ok and all(x is not None and math.isfinite(x) for x in losses) else None
     lo, hi, basis = interval(runs, confidence)
+    sd = statistics.stdev(r["top1"] for r in ok) if len(ok) >= 2 else None
+    images = next((r.get("val_images") for r in ok if r.get("val_images")), None)
     return {"top1_mean": mean["top1"], "top5_mean": mean["top5"], "val_loss_mean": loss} | {
+        "top1_sd": sd,
+        "val_images": images,
         "top1_ci_lo": lo if math.isfinite(lo) else None,
         "top1_ci_hi": hi if math.isfinite(hi) else None,
         "ci_basis": basis,
@@ -58,15 +63,47 @@ def score(runs: list[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any
     }
 
 
-def rank_key(variant: str, sc: dict[str, Any], promote: str = "mean") -> tuple:
-    """Sort key: usable before diverged, then higher top-1 (``lcb``: its interval's lower bound first), lower
-    validation loss, higher top-5, and the name (so ties never flip). A missing loss (grid results carry none)
-    sorts after a known one; a missing bound (no interval) after a known one."""
+def rank_key(variant: str, sc: dict[str, Any]) -> tuple:
+    """Sort key: usable before diverged, then higher top-1, lower validation loss, higher top-5, and the name (so
+    ties never flip). A missing loss (grid results carry none) sorts after a known one."""
     neg = [-sc[k] if sc.get(k) is not None else math.inf for k in ("top1_mean", "top5_mean")]
     loss = sc.get("val_loss_mean")
-    lcb = -sc["top1_ci_lo"] if promote == "lcb" and sc.get("top1_ci_lo") is not None else math.inf
-    first = (lcb,) if promote == "lcb" else ()
-    return (bool(sc["diverged"]), *first, neg[0], loss if loss is not None else math.inf, neg[1], variant)
+    return (bool(sc["diverged"]), neg[0], loss if loss is not None else math.inf, neg[1], variant)
+
+
+def promotion_intervals(
+    scores: dict[str, dict[str, Any]], names: list[str], confidence: float = 0.95
+) -> tuple[dict[str, tuple[float, float]], str]:
+    """Each usable variant's interval of its mean top-1 at one rung, and what it rests on.
+
+    The seed-to-seed variance is pooled over the rung's usable variants (they train on the same seeds, to the same
+    epochs): t with df = sum(n_i - 1), half-width t * s_pooled / sqrt(n_i). Each interval is widened, where
+    narrower, to the validation set's binomial interval of the mean (the seeds share those images), so zero spread
+    never reads as certainty. With one seed only the binomial interval is left.
+    """
+    usable = [v for v in names if not scores[v]["diverged"] and scores[v].get("top1_mean") is not None]
+    multi = [v for v in usable if scores[v].get("top1_sd") is not None]
+    df = sum(scores[v]["n_ok"] - 1 for v in multi)
+    pooled = math.sqrt(sum((scores[v]["n_ok"] - 1) * scores[v]["top1_sd"] ** 2 for v in multi) / df) if df else None
+    t = t_quantile(0.5 + confidence / 2, df) if df else math.nan
+    out = {}
+    for v in usable:
+        sc = scores[v]
+        mean, images = sc["top1_mean"], sc.get("val_images")
+        lo, hi = binomial_ci(mean, images, confidence) if images else (math.inf, -math.inf)
+        if pooled is not None and sc.get("top1_sd") is not None:
+            half = t * pooled / math.sqrt(sc["n_ok"])
+            lo, hi = min(lo, max(mean - half, 0.0)), max(hi, min(mean + half, 100.0))
+        if math.isfinite(lo):
+            out[v] = (lo, hi)
+    if pooled is not None:
+        basis = f"seeds pooled (t, df={df}, sd {pooled:.2f}) or val binomial, the wider"
+    elif out:
+        images = sorted({scores[v]["val_images"] for v in out})
+        basis = f"val binomial (1 seed, {'/'.join(map(str, images))} images)"
+    else:
+        basis = "n/a"
+    return out, basis
 
 
 def select(
@@ -76,6 +113,7 @@ def select(
     pinned: list[str],
     eta: int,
     promote: str = "mean",
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Keep the best ceil(n/eta) of the ``n`` competing variants by the ``promote`` rule (``overlap``: plus every
     one whose interval overlaps the best one's); pinned ones that lose stay on as references.
@@ -90,27 +128,28 @@ def select(
     missing = sorted((set(competing) | set(references)) - set(scores))
     if missing:
         raise LcnnError(f"no metrics for {', '.join(missing)} at this rung; rebuild the rung's runs")
-    ranking = sorted(competing, key=lambda v: rank_key(v, scores[v], promote))
+    ranking = sorted(competing, key=lambda v: rank_key(v, scores[v]))
     keep = math.ceil(len(competing) / eta)
     usable = [v for v in ranking if not scores[v]["diverged"]]
     survivors = usable[:keep]
-    why = {v: f"top {keep} by {'lower bound' if promote == 'lcb' else 'mean'}" for v in survivors}
-    if promote == "overlap" and usable:
-        best_lo = scores[usable[0]].get("top1_ci_lo")
+    why = {v: f"top {keep} by mean" for v in survivors}
+    intervals, basis = promotion_intervals(scores, [*competing, *references], confidence)
+    if promote == "overlap" and usable and usable[0] in intervals:
+        best_lo = intervals[usable[0]][0]
         for v in usable[keep:]:
-            hi = scores[v].get("top1_ci_hi")
-            if best_lo is not None and hi is not None and hi >= best_lo:
+            if v in intervals and intervals[v][1] >= best_lo:
                 survivors.append(v)
                 why[v] = f"interval overlaps {usable[0]}'s"
     eliminated = [v for v in ranking if v not in survivors]
     carried = [v for v in dict.fromkeys([*pinned, *references]) if v in scores and v not in survivors]
     refs = [v for v in carried if not scores[v]["diverged"]]
     dropped = [v for v in carried if scores[v]["diverged"]]
-    bases = sorted({scores[v]["ci_basis"].split(" (")[0] for v in usable if scores[v].get("ci_basis")})
-    decided = promote if promote == "mean" else f"{promote} ({', '.join(b for b in bases if b != 'n/a') or 'n/a'})"
+    decided = promote if promote == "mean" else f"{promote} ({basis.split(' (')[0]})"
     return {"ranking": ranking, "keep": keep, "survivors": survivors, "eliminated": eliminated} | {
         "promote": promote,
         "decided_by": decided,
+        "intervals": {v: list(iv) for v, iv in intervals.items()},
+        "interval_basis": basis,
         "kept_because": why,
         "references": refs,
         "dropped_references": dropped,
@@ -154,7 +193,7 @@ def select_rung(cfg: dict[str, Any], metrics: list[dict[str, Any]], previous: di
     _check_rung_runs(runs, competing + references, cfg["seeds"], cfg["epochs"])
     conf = cfg.get("confidence", 0.95)
     scores = {v: score(list(seeds.values()), conf) for v, seeds in runs.items()}
-    chosen = select(scores, competing, references, cfg["pinned"], cfg["eta"], cfg.get("promote", "mean"))
+    chosen = select(scores, competing, references, cfg["pinned"], cfg["eta"], cfg.get("promote", "mean"), conf)
     head = {k: cfg[k] for k in ("model", "rung", "epochs", "budget", "eta", "seeds")}
     return head | {"competing": competing, "entering_references": references, "scores": scores, "runs": runs} | chosen
 

@@ -93,7 +93,7 @@ def round_results(proposal, eta=3):
     names = [t["variant"] for t in proposal["trials"]]
     rung1 = [metrics(v, s, 10.0 * (i + 1) + s, model="m") for i, v in enumerate(names) for s in (0, 1)]
     cfg = {"model": "m", "rung": 1, "epochs": 1, "budget": 3, "eta": eta, "seeds": [0, 1], "candidates": names}
-    sel = search.select_rung(cfg | {"pinned": [], "promote": "lcb"}, rung1, None)
+    sel = search.select_rung(cfg | {"pinned": [], "promote": "overlap"}, rung1, None)
     final = [metrics(v, s, 50.0 + s, epochs=3, model="m") for v in sel["next"] for s in (0, 1)]
     return json.loads(json.dumps(sel)), final
 
@@ -109,7 +109,7 @@ def test_propose_asks_once_and_tell_records_pruned_and_complete_trials(tmp_path)
 
     sel, final = round_results(first)
     told = optuna_search.tell(settings(tmp_path, 1), first, [sel], final)
-    assert sel["survivors"] == ["optuna_r1_t002"] and sel["decided_by"] == "lcb (seeds)"
+    assert sel["survivors"] == ["optuna_r1_t002"] and sel["decided_by"] == "overlap (seeds pooled)"
     trials = load(tmp_path / "j.log").trials
     assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
     by_name = {t.user_attrs["variant"]: t for t in trials}

@@ -91,16 +91,27 @@ def seeded(**top1s):
     return {v: search.score([metrics(v, s, t) for s, t in enumerate(ts)]) for v, ts in top1s.items()}
 
 
-def test_lcb_promotes_the_steady_variant_over_the_lucky_one():
-    # lucky has the best mean on three seeds, but one good seed; steady's interval lies higher
-    sc = seeded(lucky=[90.0, 50.0, 58.0], steady=[64.0, 65.0, 66.0], poor=[40.0, 41.0, 39.0])
-    assert sc["lucky"]["top1_mean"] > sc["steady"]["top1_mean"] > sc["poor"]["top1_mean"]
-    assert sc["steady"]["ci_basis"] == "seeds (t, n=3)"
-    mean = search.select(sc, ["lucky", "steady", "poor"], [], [], 3, promote="mean")
-    lcb = search.select(sc, ["lucky", "steady", "poor"], [], [], 3, promote="lcb")
-    assert mean["survivors"] == ["lucky"] and mean["decided_by"] == "mean"
-    assert lcb["survivors"] == ["steady"] and lcb["decided_by"] == "lcb (seeds)"
-    assert lcb["kept_because"] == {"steady": "top 1 by lower bound"}
+def test_seed_noise_is_pooled_over_the_rung_so_two_seeds_that_agree_are_not_certainty():
+    """Two seeds that agree to the image (a zero spread) say nothing certain about a variant's noise: the interval
+    pools the rung's variants (they share their seeds) and is never narrower than the validation binomial one."""
+    sc = seeded(best=[88.0, 87.0], flat=[81.67, 81.67], close=[86.0, 88.7], far=[40.0, 44.0])
+    for v in sc:
+        sc[v]["val_images"] = 300
+    assert sc["flat"]["top1_ci_lo"] == sc["flat"]["top1_mean"]  # its own two seeds: a zero-width interval
+    intervals, basis = search.promotion_intervals(sc, list(sc))
+    pooled = math.sqrt(sum(sc[v]["top1_sd"] ** 2 for v in sc) / 4)  # equal n: the mean of the variances, df 4
+    half = stats.t_quantile(0.975, 4) * pooled / math.sqrt(2)
+    assert basis == f"seeds pooled (t, df=4, sd {pooled:.2f}) or val binomial, the wider"
+    for v, (lo, hi) in intervals.items():
+        mean, (b_lo, b_hi) = sc[v]["top1_mean"], stats.binomial_ci(sc[v]["top1_mean"], 300)
+        assert (lo, hi) == pytest.approx((min(b_lo, mean - half), max(b_hi, mean + half)))
+    assert intervals["flat"][1] - intervals["flat"][0] > 2 * half > 6  # not the zero width of its own seeds
+    out = search.select(sc, ["far", "flat", "close", "best"], [], [], 4, promote="overlap")
+    assert out["ranking"] == ["best", "close", "flat", "far"] and out["decided_by"] == "overlap (seeds pooled)"
+    assert out["survivors"] == ["best", "close", "flat"] and out["eliminated"] == ["far"]
+    assert out["intervals"]["flat"] == list(intervals["flat"])
+    with pytest.raises(LcnnError, match="search.promote is 'lcb'; use one of mean, overlap"):
+        search.select(sc, ["best"], [], [], 2, promote="lcb")
 
 
 def test_overlap_keeps_every_variant_within_noise_of_the_best():
@@ -108,7 +119,7 @@ def test_overlap_keeps_every_variant_within_noise_of_the_best():
     sc["boom"] = search.score([metrics("boom", 0, 99.0), metrics("boom", 1, None, status="diverged")])
     out = search.select(sc, ["far", "close", "best", "boom"], [], [], 4, promote="overlap")
     assert out["keep"] == 1 and out["survivors"] == ["best", "close"] and out["eliminated"] == ["far", "boom"]
-    assert out["kept_because"]["close"] == "interval overlaps best's" and out["decided_by"] == "overlap (seeds)"
+    assert out["kept_because"]["close"] == "interval overlaps best's" and out["decided_by"] == "overlap (seeds pooled)"
 
 
 def test_one_seed_promotes_on_the_validation_sets_binomial_interval():
@@ -119,8 +130,8 @@ def test_one_seed_promotes_on_the_validation_sets_binomial_interval():
     assert (sc["a"]["top1_ci_lo"], sc["a"]["top1_ci_hi"]) == (lo, hi)
     out = search.select(sc, ["a", "b", "c"], [], [], 3, promote="overlap")
     assert out["survivors"] == ["a", "b"] and out["decided_by"] == "overlap (val binomial)"  # 45 is within noise
-    assert search.select(sc, ["a", "b", "c"], [], [], 3, promote="lcb")["survivors"] == ["a"]
-    with pytest.raises(LcnnError, match="search.promote is 'median'; use one of mean, lcb, overlap"):
+    assert search.select(sc, ["a", "b", "c"], [], [], 3)["survivors"] == ["a"]
+    with pytest.raises(LcnnError, match="search.promote is 'median'; use one of mean, overlap"):
         search.select(sc, ["a"], [], [], 3, promote="median")
 
 
@@ -145,7 +156,7 @@ def test_a_reselection_that_promotes_a_freed_run_says_what_to_delete(tmp_path):
 
 def test_the_halving_table_says_which_rule_decided():
     s = two_rung_search()
-    assert search.compare(s, {})["promoted_by"] == "lcb (val binomial)"
+    assert search.compare(s, {})["promoted_by"] == "overlap (val binomial)"
 
 
 def test_selection_refuses_stale_or_missing_metrics():
@@ -208,7 +219,7 @@ def test_halving_needs_variants_with_the_common_budget():
 def two_rung_search():
     """A 4-candidate, eta-2 search over rungs [1, 3]: b and c survive rung 1, the baseline goes on as reference."""
     cfg = {"model": "m", "eta": 2, "budget": 3, "schedule": [1, 3], "seeds": [0], "pinned": ["baseline"]}
-    cfg["promote"] = "lcb"
+    cfg["promote"] = "overlap"
     cfg["candidates"] = ["baseline", "a", "b", "c"]
     rung1 = [metrics(v, 0, t, hours=h) for v, t, h in [("baseline", 10, 0.1), ("a", 5, 0.2), ("b", 30, 0.3)]]
     rung1.append(metrics("c", 0, 20, hours=0.4))
