@@ -51,6 +51,8 @@ def accuracy_table(runs: pd.DataFrame, conf: float = 0.95, baseline: str = "base
                 st = mean_ci(ok[metric], conf, PERCENT)
                 row |= {f"{metric}_{k}": st[k] for k in ("mean", "std", "ci_lo", "ci_hi")}
             row["status"] = "ok" if len(ok) == len(grp) else ("diverged" if len(ok) == 0 else "partly diverged")
+            sizes = pd.to_numeric(grp.get("img_size", pd.Series(dtype=float)), errors="coerce").dropna()
+            row["img_size"] = int(sizes.iloc[0]) if len(sizes) else math.nan  # the training resolution
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -207,7 +209,14 @@ def models_table(
         info = info.iloc[0].to_dict() if len(info) else {}
         base = a[a["variant"] == baseline]["top1_mean"]
         whole = a[a["n_ok"] == a["n_runs"]]  # as in _best: a variant that lost seeds ranks only if all did
-        top = (whole if len(whole) else a).sort_values(["top1_mean", "variant"], ascending=[False, True]).head(1)
+        ranked = (whole if len(whole) else a).sort_values(["top1_mean", "variant"], ascending=[False, True])
+        size = info.get("img_size")
+        # the accuracy a Pareto point pairs with the benchmark's latency: trained at the resolution it was timed at,
+        # where any variant was (a study trained at one size and timed at another on purpose keeps its pairing)
+        same = ranked["img_size"].isna() | (ranked["img_size"] == size) if size and "img_size" in ranked else None
+        same = same if same is not None and (ranked["img_size"] == size).any() else None
+        top = (ranked[same] if same is not None else ranked).head(1)
+        other = ranked.head(1) if same is not None and len(ranked) and not same.iloc[0] else None
         row = {"model": model, "timm_name": info.get("timm_name"), "device": info.get("device", "n/a")}
         row |= {"device_class": info.get("device_class", "n/a"), "bench_img_size": info.get("img_size")}
         params = info.get("params")
@@ -226,7 +235,14 @@ def models_table(
             row |= {"max_throughput_ips": r["throughput_ips"], "max_throughput_batch": r["batch_size"]}
             row |= {"max_throughput_config": _config(r)}
         row["excluded_forms"] = info.get("excluded_forms", "")
-        row["benchmark_note"] = info.get("benchmark_note") or ""  # e.g. why it was not benchmarked
+        notes = [info.get("benchmark_note") or ""]  # e.g. why it was not benchmarked
+        if other is not None:
+            o = other.iloc[0]
+            notes.append(
+                f"{o['variant']} ({o['top1_mean']:.2f}) trained at {int(o['img_size'])} px, not the benchmark's "
+                f"{int(size)} px: left out of best_top1 and the Pareto front"
+            )
+        row["benchmark_note"] = "; ".join(filter(None, notes))
         rows.append(row)
     cols = ["model", "timm_name", "device", "device_class", "bench_img_size", "params_M", "gmacs", "baseline_top1"]
     cols += ["best_variant", "best_top1", "b1_p50_ms", "b1_p99_ms", "b1_config", "max_throughput_ips"]

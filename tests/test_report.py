@@ -524,3 +524,28 @@ def test_int8_rows_back_a_claim_only_within_half_a_point_of_top1(tmp_path: Path,
     assert m["b1_p50_ms"] == (2.0 if admitted else 5.0) and m["max_throughput_ips"] == (500 if admitted else 200)
     assert ("onnx_int8_static" in m["excluded_forms"]) != admitted
     assert len(report_tables.latency_table(rows)) == 3  # shown either way
+
+
+def test_pareto_pairs_latency_with_accuracy_trained_at_the_benchmarks_resolution(tmp_path: Path) -> None:
+    """A variant trained at 288 px scores higher, but the latency was timed at 224 px: the Pareto point and
+    best_top1 take the best variant at 224 px, and the note names the one left out."""
+    from lcnn import report_tables
+
+    rows, bench_models = _int8_bench(tmp_path, {})
+    bench_models["img_size"] = 224
+    runs = pd.DataFrame(
+        [
+            {"model": "m", "variant": v, "axis": "x", "seed": s, "status": "ok", "top1": t + s, "top5": 99.0}
+            | {"img_size": size}
+            for v, t, size in [("baseline", 70.0, 224), ("cosine", 72.0, 224), ("res288", 78.0, 288)]
+            for s in (0, 1)
+        ]
+    )
+    acc = report_tables.accuracy_table(runs)
+    assert dict(zip(acc["variant"], acc["img_size"])) == {"baseline": 224, "cosine": 224, "res288": 288}
+    m = report_tables.models_table(acc, pd.DataFrame(), rows, bench_models, "baseline").iloc[0]
+    assert (m["best_variant"], m["best_top1"]) == ("cosine", 72.5)
+    assert "res288 (78.50) trained at 288 px, not the benchmark's 224 px" in m["benchmark_note"]
+    bench_models["img_size"] = 288  # timed at 288 px: now the 288-px variant is the like-for-like one
+    m = report_tables.models_table(acc, pd.DataFrame(), rows, bench_models, "baseline").iloc[0]
+    assert (m["best_variant"], m["benchmark_note"]) == ("res288", "")
