@@ -154,11 +154,20 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["params"]).sort_values(["model", "variant", "seed"], kind="stable")
 
 
-def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
+def compute_table(runs: pd.DataFrame, searches: list[dict] | None = None) -> pd.DataFrame:
     """Epochs and device-hours per model and in total, split by device type (GPU-hours vs CPU-hours), and the share
     of training time the step waited for the loader (over the runs that measured it, weighted by their training
-    time): a loader-bound model is paying device-hours for an idle GPU."""
+    time): a loader-bound model is paying device-hours for an idle GPU.
+
+    After a halving search the runs are the finalists only; ``searches`` (the models' halving summaries) adds what
+    each search spent in all, eliminated runs included, as ``search_epochs`` and ``search_device_hours``."""
     df = runs.assign(hours_unit=runs["device_type"].map(_hours_unit))
+    spent = {}
+    for s in searches or []:
+        unit = _hours_unit(s["compute"].get("device_type"))
+        spent[s["model"], unit] = (s["compute"]["epochs"], s["compute"]["device_hours"])
+    for unit in {u for _, u in spent}:
+        spent["ALL", unit] = tuple(sum(v[i] for (m, u), v in spent.items() if u == unit) for i in (0, 1))
     rows = []
     for model_key, grp in [*df.groupby(["model", "hours_unit"], sort=True), *df.groupby(["hours_unit"], sort=True)]:
         model, unit = model_key if len(model_key) == 2 else ("ALL", model_key[0])
@@ -168,8 +177,10 @@ def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
             | {"epochs_completed": grp["epochs_completed"].sum(), "device_hours": grp["device_hours"].sum()}
             | {"loader_wait_pct": _loader_wait_pct(grp)}
         )
+        if searches:
+            rows[-1] |= dict(zip(("search_epochs", "search_device_hours"), spent.get((model, unit), (None, None))))
     cols = ["model", "hours_unit", "runs", "runs_ok", "runs_diverged", "epochs_completed", "device_hours"]
-    cols += ["loader_wait_pct"]
+    cols += ["loader_wait_pct"] + (["search_epochs", "search_device_hours"] if searches else [])
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -428,6 +428,11 @@ def test_report_sets_halving_against_a_grid_next_to_it(tmp_path):
     gains = pd.read_csv(tmp_path / "report" / "gains.csv")
     assert set(gains["variant"]) == {"b", "c"} and set(gains["n_compared"]) == {3}  # a, b, c were searched
     assert "halving" in (tmp_path / "report" / "report.md").read_text()
+    # the finalists' runs are not all a search costs: the compute table adds what the search spent in all
+    compute = pd.read_csv(tmp_path / "report" / "compute.csv").set_index("model")
+    spent = s["compute"]["device_hours"]
+    assert compute.loc["m", "search_device_hours"] == compute.loc["ALL", "search_device_hours"] == pytest.approx(spent)
+    assert compute.loc["m", "search_epochs"] == s["compute"]["epochs"] and spent > compute.loc["m", "device_hours"]
     # a model whose search carried only the baseline to the budget still gets a claims row saying so
     only_base = s | {"model": "n", "winner": "baseline"}
     (tmp_path / "n.json").write_text(json.dumps(only_base))
