@@ -408,7 +408,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["command"] == "select":
         previous = read_json(cfg["previous"]) if cfg.get("previous") else None
         out = select_rung(cfg, metrics, previous)
-        _check_states(cfg["metrics"], metrics, out)
+        _check_states(cfg["metrics"], metrics, out, int(cfg["rung"]))
     else:
         out = summarize_halving(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
     atomic_write_json(cfg["out"], out)
@@ -421,12 +421,15 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_states(paths: list[str], metrics: list[dict[str, Any]], out: dict[str, Any]) -> None:
+def _check_states(paths: list[str], metrics: list[dict[str, Any]], out: dict[str, Any], rung: int) -> None:
     """Every run that goes on must have the state it goes on from. A selection rerun under another rule (search.promote,
-    eta, the candidates) can promote a run whose state an earlier selection freed: say so here, not in a failed job."""
+    eta, the candidates) can promote a run whose state an earlier selection freed: say so here, not in a failed job.
+    A run whose next rung has already finished needs no state (a selection rerun after a setting that decides
+    nothing changed: the next rung's jobs read the selection as an ancient input and are not rerun)."""
     from lcnn import checkpoint  # imports torch: only here
 
     lost = [Path(p).parent for p, m in zip(paths, metrics) if m["variant"] in out["next"]]
+    lost = [d for d in lost if not (d.parent / f"rung{rung + 1}" / "metrics.json").exists()]
     lost = [d for d in lost if checkpoint.find(d / "state") is None]
     if lost:
         raise LcnnError(

@@ -21,7 +21,7 @@ rule benchmark:
         mem_mb=32000,
         runtime=lambda wildcards, attempt: 120 * attempt,
     params:
-        bench=json.dumps(config["benchmark"]),
+        bench=json.dumps(config["benchmark"], sort_keys=True),
         data=DATA_DEFINITION,
         timm_name=lambda wildcards: config["models"][wildcards.model]["timm"],
     shell:

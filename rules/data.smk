@@ -37,7 +37,7 @@ rule prepare_data:
         mem_mb=8000,
     params:
         # what the prepared subset depends on (stage_to only says where jobs read it)
-        data=json.dumps(study.data_definition(config, with_root=True)),
+        data=json.dumps(study.data_definition(config, with_root=True), sort_keys=True),
     shell:
         "python -m lcnn.data --config-json {params.data:q} --workers {threads} > {log:q} 2>&1"
 

@@ -93,11 +93,15 @@ def get_trial_inputs(wildcards):
         # ancient, with params.data: as in rule train
         "train": MANIFESTS["train"],
         "val": MANIFESTS["val"],
-        "proposal": f"{OPTUNA_DIR}/round{rnd}.json".format(model=wildcards.model),
+        # ancient, as in halving (rules/search_inputs.smk): a re-proposed round asks the same trials, and a trial's
+        # sampled values are its params
+        "proposal": ancient(
+            f"{OPTUNA_DIR}/round{rnd}.json".format(model=wildcards.model)
+        ),
     }
     if rung > 1:
-        inputs["selection"] = f"{OPTUNA_DIR}/round{rnd}_rung{rung - 1}.json".format(
-            model=wildcards.model
+        inputs["selection"] = ancient(
+            f"{OPTUNA_DIR}/round{rnd}_rung{rung - 1}.json".format(model=wildcards.model)
         )
         inputs["previous"] = trial_file(
             wildcards.model, wildcards.trial, wildcards.seed, rung - 1, "metrics.json"

@@ -132,7 +132,8 @@ rule report:
                 "report": config["report"],
                 "baseline_variant": "baseline",
                 "search_mode": config["search"]["mode"],
-            }
+            },
+            sort_keys=True,  # reordered config keys are the same settings: no rerun
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     shell:

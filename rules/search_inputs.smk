@@ -61,7 +61,9 @@ def get_rung_inputs(wildcards):
         "val": MANIFESTS["val"],
     }
     if rung > 1:
-        inputs["selection"] = f"search/{wildcards.model}/rung{rung - 1}.json"
+        # ancient: a rerun selection (a setting that decides nothing changed) retrains no run it keeps; one it
+        # drops is no longer asked for, and the run's recipe is its params
+        inputs["selection"] = ancient(f"search/{wildcards.model}/rung{rung - 1}.json")
         inputs["previous"] = rung_file(
             wildcards.model, wildcards.variant, wildcards.seed, rung - 1, "metrics.json"
         )

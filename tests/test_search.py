@@ -154,6 +154,23 @@ def test_a_reselection_that_promotes_a_freed_run_says_what_to_delete(tmp_path):
         search.run(overlap)
 
 
+def test_a_reselection_after_the_next_rung_finished_needs_no_freed_state(tmp_path):
+    """The next rung's runs finished and freed the states they went on from; the selection, rerun, keeps them."""
+    cfg = {"model": "m", "rung": 1, "epochs": 1, "budget": 3, "eta": 2, "seeds": [0], "pinned": [], "schedule": [1, 3]}
+    cfg |= {"candidates": ["a", "b"], "command": "select", "out": tmp_path / "rung1.json", "promote": "mean"}
+    paths = []
+    for v, top1 in (("a", 30.0), ("b", 20.0)):
+        paths.append(tmp_path / v / "seed0" / "rung1" / "metrics.json")
+        paths[-1].parent.mkdir(parents=True)
+        paths[-1].write_text(json.dumps(metrics(v, 0, top1)))
+    cfg["metrics"] = [str(p) for p in paths]
+    with pytest.raises(LcnnError, match=r"a/seed0/rung1 go on to the next rung"):  # no state, no next rung yet
+        search.run(cfg)
+    (tmp_path / "a" / "seed0" / "rung2").mkdir()
+    (tmp_path / "a" / "seed0" / "rung2" / "metrics.json").write_text(json.dumps(metrics("a", 0, 40.0)))
+    assert search.run(cfg)["next"] == ["a"]
+
+
 def test_the_halving_table_says_which_rule_decided():
     s = two_rung_search()
     assert search.compare(s, {})["promoted_by"] == "overlap (val binomial)"
@@ -386,6 +403,25 @@ def test_halving_study_grows_its_dag_and_reruns_nothing(tmp_path):
 
     proc = snakemake(workdir, "-n", *args)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+    # a setting that decides nothing here (the intervals' level, under promote: mean) reruns the selections and
+    # retrains nothing: the next rung reads its selection as an ancient input, and a finished rung needs no state
+    (workdir / "confidence.yaml").write_text(yaml.safe_dump({"search": {"confidence": 0.9}}))
+    proc = snakemake(workdir, *args, "confidence.yaml")
+    counts = job_counts(first_table(proc.stdout + proc.stderr))
+    assert counts["select_rung"] == 2 and "train_rung" not in counts
+    ran = proc.stdout + proc.stderr  # the benchmark waits on the selections, so it is listed until they are re-read
+    assert "rule benchmark:" not in ran and "rule train_rung:" not in ran and "Finished jobid" in ran
+
+    # a `git pull` that only reformats the training command retrains nothing under the SLURM profile's triggers
+    common = workdir / "rules" / "common.smk"
+    common.write_text(common.read_text().replace('" exec python -m lcnn.launch', '"  exec python -m lcnn.launch'))
+    triggers = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["rerun-triggers"]
+    assert "code" not in triggers
+    assert "train_rung" in job_counts(snakemake(workdir, "-n", *args, "confidence.yaml").stdout)  # the default's
+    proc = snakemake(workdir, "-n", "--rerun-triggers", *triggers, *args, "confidence.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert {m: json.loads((workdir / f"search/{m}/rung1.json").read_text())["next"] for m in MODELS} == finalists
 
 
 @pytest.mark.slow
