@@ -11,7 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lcnn.utils import LcnnError, atomic_write_json, cli, read_json
+from lcnn.config import recipe_changes
+from lcnn.utils import LcnnError, atomic_write_json, cli, json_arg, read_json
 
 
 def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -60,7 +61,27 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def check_recipe(path: str | Path, recipe: dict[str, Any]) -> None:
+    """Refuse a seed trained under another recipe than the config's, beside the metrics (``config.json``).
+
+    Snakemake reruns a job whose params changed only if it recorded the job's params: a run that finished while the
+    main Snakemake was not running (a SLURM job outliving it) has no record, and an edited recipe would skip it.
+    """
+    saved_path = Path(path).parent / "config.json"
+    if not saved_path.exists():  # a run written by hand or by an older lcnn: nothing to compare
+        return
+    changed = recipe_changes(read_json(saved_path), recipe)
+    if changed:
+        raise LcnnError(
+            f"{Path(path).parent} was trained under another recipe than the config's ({', '.join(changed[:4])} "
+            "differ), so Snakemake kept no record of it (it finished while Snakemake was not running); delete its "
+            "metrics.json and rerun to train it under the current recipe"
+        )
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    for path in cfg["metrics"] if cfg.get("recipe") else []:
+        check_recipe(path, cfg["recipe"])
     result = combine_seeds([read_metrics(p) for p in cfg["metrics"]])
     atomic_write_json(cfg["out"], result)
     return result
@@ -71,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Summarize one model x variant over its seeds.")
     parser.add_argument("metrics", nargs="+", type=Path, help="runs/{model}/{variant}/seed*/metrics.json")
     parser.add_argument("--out", required=True, type=Path, help="results/{model}/{variant}.json")
+    parser.add_argument("--recipe-json", help="the variant's recipe (lcnn.config.run_recipe, without the seed)")
     args = parser.parse_args(argv)
-    result = run({"metrics": args.metrics, "out": args.out})
+    recipe = json_arg(args.recipe_json, "--recipe-json") if args.recipe_json else None
+    result = run({"metrics": args.metrics, "out": args.out, "recipe": recipe})
     print(f"{result['model']}/{result['variant']}: top1 {result['top1_mean']} over {result['n_seeds']} seeds")
 
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from lcnn import checkpoint, dataset, devices, models, owner, tracking
-from lcnn.config import RECIPE_TRAIN_KEYS, merge_run, used_hparams
+from lcnn.config import RECIPE_TRAIN_KEYS, merge_run, recipe_changes, recipe_of, used_hparams
 from lcnn.launch import EXIT_PREEMPTED, STOP_SIGNALS, note_preempted
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
 from lcnn.utils import (
@@ -164,9 +164,7 @@ def already_trained(cfg: dict[str, Any]) -> dict[str, Any] | None:
         metrics, saved = read_json(out / "metrics.json"), read_json(out / "config.json")
     except (OSError, LcnnError):
         return None
-    keys = ("timm_name", "model", "variant", "seed", "hparams", "stop_epoch", "init_state")
-    recipe = {k: cfg.get(k) for k in keys} | {k: cfg["train"].get(k) for k in RECIPE_TRAIN_KEYS}
-    if {k: saved.get(k) for k in keys} | {k: (saved.get("train") or {}).get(k) for k in RECIPE_TRAIN_KEYS} != recipe:
+    if recipe_changes(saved, recipe_of(cfg)):
         return None
     print(
         f"[{cfg['model']}/{cfg['variant']}/seed{cfg['seed']}] already trained to this recipe by job "

@@ -110,6 +110,12 @@ def get_run_json(wildcards):
     return json.dumps(run, sort_keys=True)
 
 
+def get_variant_recipe_json(wildcards):
+    """A variant's recipe without the seed: collect_seeds checks every seed's config.json against it."""
+    run = study.run_recipe(config, wildcards.model, wildcards.variant, 0)
+    return json.dumps({k: v for k, v in run.items() if k != "seed"}, sort_keys=True)
+
+
 def get_exec_json(wildcards, input):
     """How every training job runs (log_every, num_workers, device, ...) and where its data is (its input's folder).
 

@@ -43,5 +43,7 @@ rule collect_seeds:
         "logs/results/{model}/{variant}.log",
     conda:
         "../envs/lcnn.yaml"
+    params:
+        recipe=get_variant_recipe_json,
     shell:
-        "python -m lcnn.results --out {output:q} {input:q} > {log:q} 2>&1"
+        "python -m lcnn.results --out {output:q} --recipe-json {params.recipe:q} {input:q} > {log:q} 2>&1"

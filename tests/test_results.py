@@ -62,3 +62,24 @@ def test_bad_inputs_are_refused_with_the_file_named(tmp_path: Path) -> None:
     (path,) = write_seeds(tmp_path, {k: v for k, v in seed_metrics(0, 60.0).items() if k != "top5"})
     with pytest.raises(LcnnError, match=f"{path} lacks top5"):
         results.read_metrics(path)
+
+
+def test_a_seed_trained_under_another_recipe_is_refused_naming_what_differs(tmp_path: Path) -> None:
+    """A run that finished while Snakemake was down has no params record, so an edited recipe would not retrain
+    it: its config.json shows the recipe it was trained under, and the result refuses to mix the two."""
+    from lcnn import config as study
+
+    cfg = study.load(Path(__file__).parents[1] / "config.yaml")
+    recipe = {k: v for k, v in study.run_recipe(cfg, "mobilenetv3_l", "cosine", 0).items() if k != "seed"}
+    paths = write_seeds(tmp_path, seed_metrics(0, 70.0, 89.0), seed_metrics(1, 71.0, 90.0))
+    for seed, path in enumerate(paths):  # as lcnn.train saves it: the run config with its execution settings
+        run = study.run_config(cfg, "mobilenetv3_l", "cosine", seed) | {"out_dir": str(path.parent), "img_size": 224}
+        (path.parent / "config.json").write_text(json.dumps(run))
+    out = tmp_path / "result.json"
+    assert results.run({"metrics": paths, "out": out, "recipe": recipe})["n_seeds"] == 2
+    saved = json.loads((paths[1].parent / "config.json").read_text())
+    saved["hparams"]["lr_base"] *= 2
+    (paths[1].parent / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(LcnnError, match=r"seed1 was trained under another recipe than the config's \(hparams.lr_base"):
+        results.run({"metrics": paths, "out": out, "recipe": recipe})
+    assert results.run({"metrics": paths, "out": out})["n_seeds"] == 2  # no recipe given (by hand): not checked
