@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from lcnn import checkpoint, dataset, devices, models, owner, tracking
-from lcnn.config import RECIPE_TRAIN_KEYS, merge_run, recipe_changes, recipe_of, used_hparams
+from lcnn.config import RECIPE_TRAIN_KEYS, merge_run, used_hparams
 from lcnn.launch import EXIT_PREEMPTED, STOP_SIGNALS, note_preempted
 from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
 from lcnn.utils import (
@@ -47,7 +47,6 @@ from lcnn.utils import (
     exit_now,
     json_arg,
     peak_rss_mb,
-    read_json,
 )
 
 # fp16: a GradScaler scale below this means even the unscaled gradients overflow, step after step, while the loss
@@ -143,36 +142,10 @@ class Job:
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one run described by ``cfg`` (see :func:`lcnn.config.run_config`) into ``cfg['out_dir']``."""
     faulthandler.enable()  # a segfault in a native library names itself and the Python stack in the job's log
-    done = already_trained(cfg)
-    if done is not None:
-        return done
     try:
         return _train(cfg)
     finally:  # however it ends (done, preempted, failed), this process no longer trains the run
         owner.release(cfg["out_dir"])
-
-
-def already_trained(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics of this very run (same recipe), if another job finished it since this one was submitted.
-
-    Snakemake deletes a job's outputs before it submits it, so finished outputs at the start mean a twin trained the
-    run meanwhile: a Snakemake restarted while its jobs were queued submits them again, and the twin that starts
-    after the first has finished finds no state to resume (``owner.json`` only stops a twin that overlaps it).
-    """
-    out = Path(cfg["out_dir"])
-    try:
-        metrics, saved = read_json(out / "metrics.json"), read_json(out / "config.json")
-    except (OSError, LcnnError):
-        return None
-    if recipe_changes(saved, recipe_of(cfg)):
-        return None
-    print(
-        f"[{cfg['model']}/{cfg['variant']}/seed{cfg['seed']}] already trained to this recipe by job "
-        f"{metrics.get('slurm_job_id') or 'n/a'} since this job was submitted: nothing to do "
-        f"(delete {out / 'metrics.json'} to train it again)",
-        flush=True,
-    )
-    return metrics
 
 
 def _train(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -501,21 +501,6 @@ def test_run_writes_every_output_with_fixed_keys(built_data, tmp_path):
     assert env["packages"]["timm"] and "slurm_job_id" in env
 
 
-def test_a_twin_started_after_the_run_finished_trains_nothing(built_data, tmp_path, capfd):
-    """A restarted Snakemake submits its queued jobs again; the twin that starts once the first has finished (so no
-    state to resume, no live owner) returns that run's metrics instead of training it again. Another recipe trains."""
-    rc = run_cfg(built_data, tmp_path, log_with=[], max_steps_per_epoch=2)
-    first = train.run(rc)
-    weights = (tmp_path / "model.safetensors").stat().st_mtime_ns
-    capfd.readouterr()
-    assert train.run(rc) == first and (tmp_path / "model.safetensors").stat().st_mtime_ns == weights
-    assert "already trained to this recipe by job n/a since this job was submitted: nothing to do" in (
-        capfd.readouterr().out
-    )
-    rc["hparams"]["lr_base"] *= 2  # another recipe (as after a params change, had Snakemake not deleted them)
-    assert train.run(rc)["status"] == "ok" and (tmp_path / "model.safetensors").stat().st_mtime_ns != weights
-
-
 @pytest.mark.slow
 def test_divergent_variant_stops_early_and_says_so(built_data, tmp_path):
     rc = run_cfg(built_data, tmp_path)
