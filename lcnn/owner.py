@@ -9,6 +9,10 @@ trainer that finds one naming another job that still runs stops at once, in one 
 Only a job that is known to run blocks: a SLURM job that ``squeue`` lists as not yet finished, or a process of this
 host whose pid and start time match. Anything that cannot be checked (another host without SLURM, no ``squeue``)
 does not block, as before this guard existed.
+
+That guard cannot see a resubmitted job that is still queued when the first one finishes: it starts later, finds
+no state (a finished run deletes it) and trains the run again. So :func:`check_no_study_jobs` stops a Snakemake
+that would submit to SLURM while jobs of the same study (its working directory) are still queued or running.
 """
 
 from __future__ import annotations
@@ -80,6 +84,39 @@ def slurm_job_live(job_id: str) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return proc.returncode == 0 and any(state.strip() in LIVE_STATES for state in proc.stdout.splitlines())
+
+
+def study_jobs(workdir: str | os.PathLike) -> list[str]:
+    """This user's SLURM jobs, not yet ended, that a Snakemake in ``workdir`` submitted: the SLURM executor plugin
+    comments each job ``rule_<rule>[_wildcards_<values>]`` and starts it in the workflow's directory. Empty where
+    ``squeue`` cannot say."""
+    try:
+        proc = subprocess.run(["squeue", "--me", "-h", "-o", "%i|%T|%k|%Z"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    here, jobs = os.path.realpath(workdir), []
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        job, state, comment, cwd = (line.split("|", 3) + [""] * 3)[:4]
+        if state.strip() in LIVE_STATES and comment.startswith("rule_") and os.path.realpath(cwd.strip()) == here:
+            jobs.append(f"{job} {comment.removeprefix('rule_')} ({state.strip().lower()})")
+    return jobs
+
+
+def check_no_study_jobs(workdir: str | os.PathLike) -> None:
+    """Stop, in one line, a Snakemake about to submit to SLURM while this study's jobs from an earlier one still
+    wait or run: it would submit them again, and a twin that starts after its first has finished trains the run
+    a second time. ``LCNN_ALLOW_LIVE_JOBS=1`` skips the check."""
+    if os.environ.get("LCNN_ALLOW_LIVE_JOBS") == "1":
+        return
+    jobs = study_jobs(workdir)
+    if jobs:
+        more = f" and {len(jobs) - 3} more" if len(jobs) > 3 else ""
+        raise LcnnError(
+            f"{len(jobs)} SLURM jobs of this study are still queued or running ({', '.join(jobs[:3])}{more}), "
+            "submitted by an earlier Snakemake: started now, it would submit them again and train those runs twice; "
+            "wait for them (`squeue --me`) or `scancel` them (a running one saves its state, and the rerun resumes "
+            "it), then start again (LCNN_ALLOW_LIVE_JOBS=1 skips this check)"
+        )
 
 
 def _start_time(pid: int) -> int | None:

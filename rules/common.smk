@@ -22,6 +22,7 @@ os.environ.update(
 )  # set, not required: no envvars
 
 from lcnn import config as study  # noqa: E402
+from lcnn import owner  # noqa: E402
 from lcnn.prepare import check_paths  # noqa: E402
 from lcnn.utils import LcnnError  # noqa: E402
 
@@ -36,6 +37,17 @@ try:
         check_paths(config["data"])
 except LcnnError as err:
     raise WorkflowError(f"lcnn config error: {err}") from None
+
+
+onstart:
+    # the main Snakemake, about to submit to SLURM (not a dry run, not a job): an earlier Snakemake's jobs that still
+    # wait or run would be submitted again, and a twin that starts after its first has finished retrains the run
+    if getattr(workflow.executor_plugin, "name", None) == "slurm":
+        try:
+            owner.check_no_study_jobs(workflow.workdir_init)
+        except LcnnError as err:
+            raise WorkflowError(f"lcnn: {err}") from None
+
 
 # One row per training job: model x variant x seed. Targets, wildcards and `rule all` come from it.
 RUNS = pd.DataFrame(study.runs(config))

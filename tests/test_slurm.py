@@ -388,3 +388,41 @@ def test_a_run_owned_by_a_live_slurm_job_is_refused_until_that_job_ends(slurm_cl
         time.sleep(1)
     owner.claim(tmp_path)
     assert json.loads((tmp_path / owner.OWNER).read_text())["pid"] == os.getpid()
+
+
+def test_a_snakemake_started_while_its_studys_jobs_still_wait_stops_before_submitting(slurm_cluster, tmp_path):
+    """A Snakemake restarted while an earlier one's jobs still wait would submit them again, and a twin that starts
+    after its first has finished trains the run a second time (no state is left to resume, no owner to refuse it).
+    So the main Snakemake stops before submitting anything, naming the job; a dry run, and another study's jobs,
+    are not stopped."""
+    from conftest import OVERLAYS, copy_workflow
+
+    c = slurm_cluster
+    work = copy_workflow(tmp_path / "study")
+    other = tmp_path / "other_study"
+    other.mkdir()
+    submit = ["sbatch", "--parsable", "-A", c["LCNN_SLURM_ACCOUNT"], "-p", c["LCNN_SLURM_CPU_PARTITION"]]
+    comment = "rule_train_wildcards_mobilenetv3_l_baseline_0"  # as the SLURM executor plugin names its jobs
+    jobs = [
+        subprocess.run(
+            [*submit, "-D", str(where), "--comment", comment, "--wrap", "sleep 300"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for where in (work, other)
+    ]
+    try:
+        listed = owner.study_jobs(work)  # the other study's job is not this one's
+        assert len(listed) == 1 and listed[0].startswith(f"{jobs[0]} train_wildcards_mobilenetv3_l_baseline_0 ("), (
+            listed
+        )
+        profile = make_profile(tmp_path / "profile", c)
+        args = ["--profile", str(profile), "--configfile", *OVERLAYS]
+        rc, log, _ = run_snakemake([*args, "-n"], work, 300, tmp_path / "dry.log")
+        assert rc == 0, fail_msg(log, work)  # looking is not submitting
+        rc, log, _ = run_snakemake(args, work, 300, tmp_path / "snakemake.log")
+        assert rc != 0 and f"lcnn: 1 SLURM jobs of this study are still queued or running ({jobs[0]} train" in log
+        assert not submitted_job_ids(log) and not (work / "runs").exists()
+    finally:
+        subprocess.run(["scancel", *jobs], check=True)
