@@ -72,8 +72,10 @@ rule collect_halving:
         "logs/results_halving/{model}/{variant}.log",
     conda:
         "../envs/lcnn.yaml"
+    params:
+        recipe=get_variant_recipe_json,  # as in collect_seeds: every seed's last rung trained this recipe
     shell:
-        "python -m lcnn.results --out {output:q} {input:q} > {log:q} 2>&1"
+        "python -m lcnn.results --out {output:q} --recipe-json {params.recipe:q} {input:q} > {log:q} 2>&1"
 
 
 rule summarize_halving:
