@@ -283,7 +283,15 @@ def tell(
     n_seeds = len(proposal["seeds"])
     spent = sum(t["epochs"] for t in trials) * n_seeds
     head = {k: proposal[k] for k in ("model", "round", "schedule", "seeds")}
-    return head | {"trials": trials, "epochs": spent}
+    # device-hours as halving counts them: each rung's runs, less what they started from
+    from lcnn import search
+
+    last: dict[str, dict[str, dict]] = {}
+    for m in final:
+        last.setdefault(m["variant"], {})[str(m["seed"])] = m
+    stages = [s["runs"] for s in sorted(selections, key=lambda s: s["rung"])] + [last]
+    cost = search.compute(stages, {"seeds": proposal["seeds"], "budget": proposal["schedule"][-1], "candidates": []})
+    return head | {"trials": trials, "epochs": spent} | {k: cost[k] for k in ("device_hours", "device_type")}
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -303,7 +311,20 @@ def summarize(cfg: dict[str, Any], told: list[dict[str, Any]]) -> dict[str, Any]
         "best": best,
         "best_top1": best["value"] if best else None,
         "epochs": sum(r["epochs"] for r in rounds_),
+        "compute": compute(rounds_),
         "journal": cfg.get("journal"),
+    }
+
+
+def compute(rounds_: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trials' cost over every told round, for the report's compute table (a round told by an older lcnn
+    recorded epochs only: its device-hours are unknown, and so is the total)."""
+    hours = [r.get("device_hours") for r in rounds_]
+    types = {t for r in rounds_ for t in (r.get("device_type") or "").split(",") if t}
+    return {
+        "epochs": sum(r["epochs"] for r in rounds_),
+        "device_hours": sum(hours) if None not in hours else None,
+        "device_type": ",".join(sorted(types)) or None,
     }
 
 

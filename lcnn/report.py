@@ -72,7 +72,7 @@ def run(cfg: dict) -> dict:
         "best_variants": best,
         "best_per_axis": best_axis,
         "runs": tab.runs_table(runs),
-        "compute": tab.compute_table(runs, summaries if halving else None),
+        "compute": tab.compute_table(runs, summaries if halving else studies),
         "latency": tab.latency_table(bench_rows),
         "models": models,
         "halving": search.halving_table(summaries, [read_json(p) for p in grid_paths] if summaries else []),

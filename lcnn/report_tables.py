@@ -159,15 +159,18 @@ def compute_table(runs: pd.DataFrame, searches: list[dict] | None = None) -> pd.
     of training time the step waited for the loader (over the runs that measured it, weighted by their training
     time): a loader-bound model is paying device-hours for an idle GPU.
 
-    After a halving search the runs are the finalists only; ``searches`` (the models' halving summaries) adds what
-    each search spent in all, eliminated runs included, as ``search_epochs`` and ``search_device_hours``."""
+    ``searches`` (the models' search summaries) adds what each search spent, as ``search_epochs`` and
+    ``search_device_hours``: after a halving search the runs are the finalists only, and the search's cost includes
+    the eliminated runs; after an Optuna search, the runs are the named variants' grid and the search's cost is its
+    trials'. A search summary that did not record its device-hours leaves them empty."""
     df = runs.assign(hours_unit=runs["device_type"].map(_hours_unit))
-    spent = {}
+    spent: dict[tuple[str, str], tuple] = {}
     for s in searches or []:
-        unit = _hours_unit(s["compute"].get("device_type"))
-        spent[s["model"], unit] = (s["compute"]["epochs"], s["compute"]["device_hours"])
+        c = s.get("compute") or {}
+        spent[s["model"], _hours_unit(c.get("device_type"))] = (c.get("epochs"), c.get("device_hours"))
     for unit in {u for _, u in spent}:
-        spent["ALL", unit] = tuple(sum(v[i] for (m, u), v in spent.items() if u == unit) for i in (0, 1))
+        cols = list(zip(*(v for (m, u), v in spent.items() if u == unit)))
+        spent["ALL", unit] = tuple(None if None in col else sum(col) for col in cols)
     rows = []
     for model_key, grp in [*df.groupby(["model", "hours_unit"], sort=True), *df.groupby(["hours_unit"], sort=True)]:
         model, unit = model_key if len(model_key) == 2 else ("ALL", model_key[0])

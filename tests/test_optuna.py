@@ -94,7 +94,7 @@ def round_results(proposal, eta=3):
     rung1 = [metrics(v, s, 10.0 * (i + 1) + s, model="m") for i, v in enumerate(names) for s in (0, 1)]
     cfg = {"model": "m", "rung": 1, "epochs": 1, "budget": 3, "eta": eta, "seeds": [0, 1], "candidates": names}
     sel = search.select_rung(cfg | {"pinned": [], "promote": "overlap"}, rung1, None)
-    final = [metrics(v, s, 50.0 + s, epochs=3, model="m") for v in sel["next"] for s in (0, 1)]
+    final = [metrics(v, s, 50.0 + s, epochs=3, hours=0.003, model="m") for v in sel["next"] for s in (0, 1)]
     return json.loads(json.dumps(sel)), final
 
 
@@ -110,6 +110,8 @@ def test_propose_asks_once_and_tell_records_pruned_and_complete_trials(tmp_path)
     sel, final = round_results(first)
     told = optuna_search.tell(settings(tmp_path, 1), first, [sel], final)
     assert sel["survivors"] == ["optuna_r1_t002"] and sel["decided_by"] == "overlap (seeds pooled)"
+    # its cost: 3 trials x 2 seeds at rung 1 (0.001 h each), then the survivor's 2 runs on to 0.003 h each
+    assert told["device_hours"] == pytest.approx(6 * 0.001 + 2 * 0.002) and told["device_type"] == "cpu"
     trials = load(tmp_path / "j.log").trials
     assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
     by_name = {t.user_attrs["variant"]: t for t in trials}
@@ -281,7 +283,8 @@ def test_report_in_optuna_mode_adds_the_optuna_table(tmp_path):
         res |= {"timm_name": "t", "runs": [metrics(variant, 0, top1, epochs=9) | {"epochs": 9}]}
         results.append(tmp_path / f"{variant}.json")
         results[-1].write_text(json.dumps(res))
-    (tmp_path / "optuna.json").write_text(json.dumps(summary("m", 75.0, 40)))
+    compute = {"epochs": 40, "device_hours": 0.5, "device_type": "cpu"}  # the trials' cost, besides the grid's
+    (tmp_path / "optuna.json").write_text(json.dumps(summary("m", 75.0, 40) | {"compute": compute}))
     rep = {"gain_range": [1.5, 3.5], "fast_models": [], "latency_ms": 5.0, "throughput_ips": 9800}
     cfg = {"report": rep, "search_mode": "optuna", "out_dir": str(tmp_path / "report")}
     out = report.run(cfg | {"results": [str(p) for p in results], "search": [str(tmp_path / "optuna.json")]})
@@ -289,3 +292,6 @@ def test_report_in_optuna_mode_adds_the_optuna_table(tmp_path):
     assert list(table["model"]) == ["m", "ALL"] and table.loc[0, "verdict"] == "at least as good"
     assert table.loc[0, "grid_best"] == "cosine" and table.loc[0, "epoch_fraction"] == pytest.approx(40 / 18)
     assert len(out["optuna"]) == 2 and out["halving"] == []  # the optuna summaries are not read as halving's
+    cost = pd.read_csv(tmp_path / "report" / "compute.csv").set_index("model")
+    assert cost.loc["m", "search_device_hours"] == cost.loc["ALL", "search_device_hours"] == 0.5
+    assert cost.loc["m", "search_epochs"] == 40 and cost.loc["m", "device_hours"] == pytest.approx(0.002)
