@@ -17,6 +17,7 @@ that would submit to SLURM while jobs of the same study (its working directory) 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import socket
@@ -91,7 +92,8 @@ def study_jobs(workdir: str | os.PathLike) -> list[str]:
     comments each job ``rule_<rule>[_wildcards_<values>]`` and starts it in the workflow's directory. Empty where
     ``squeue`` cannot say."""
     try:
-        proc = subprocess.run(["squeue", "--me", "-h", "-o", "%i|%T|%k|%Z"], capture_output=True, text=True, timeout=30)
+        cmd = ["squeue", "-u", getpass.getuser(), "-h", "-o", "%i|%T|%k|%Z"]  # -u: also SLURM before 20.11's --me
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return []
     here, jobs = os.path.realpath(workdir), []
@@ -115,7 +117,8 @@ def check_no_study_jobs(workdir: str | os.PathLike) -> None:
             f"{len(jobs)} SLURM jobs of this study are still queued or running ({', '.join(jobs[:3])}{more}), "
             "submitted by an earlier Snakemake: started now, it would submit them again and train those runs twice; "
             "wait for them (`squeue --me`) or `scancel` them (a running one saves its state, and the rerun resumes "
-            "it), then start again (LCNN_ALLOW_LIVE_JOBS=1 skips this check)"
+            "it), then start again (LCNN_ALLOW_LIVE_JOBS=1 skips this check, e.g. for a second Snakemake running "
+            "other targets in this directory)"
         )
 
 

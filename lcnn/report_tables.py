@@ -168,9 +168,11 @@ def compute_table(runs: pd.DataFrame, searches: list[dict] | None = None) -> pd.
     for s in searches or []:
         c = s.get("compute") or {}
         spent[s["model"], _hours_unit(c.get("device_type"))] = (c.get("epochs"), c.get("device_hours"))
+    # a search whose cost is unknown (not recorded, or over several device types) leaves every total unknown
+    known = all(None not in v and u in ("GPU-hours", "CPU-hours") for (_, u), v in spent.items())
     for unit in {u for _, u in spent}:
         cols = list(zip(*(v for (m, u), v in spent.items() if u == unit)))
-        spent["ALL", unit] = tuple(None if None in col else sum(col) for col in cols)
+        spent["ALL", unit] = tuple(sum(col) if known else None for col in cols)
     rows = []
     for model_key, grp in [*df.groupby(["model", "hours_unit"], sort=True), *df.groupby(["hours_unit"], sort=True)]:
         model, unit = model_key if len(model_key) == 2 else ("ALL", model_key[0])

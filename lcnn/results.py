@@ -74,8 +74,8 @@ def check_recipe(path: str | Path, recipe: dict[str, Any]) -> None:
     if changed:
         raise LcnnError(
             f"{Path(path).parent} was trained under another recipe than the config's ({', '.join(changed[:4])} "
-            "differ), so Snakemake kept no record of it (it finished while Snakemake was not running); delete its "
-            "metrics.json and rerun to train it under the current recipe"
+            "differ) and Snakemake did not rerun it (e.g. it finished while Snakemake was not running, so no record "
+            "of its params was kept); delete its metrics.json and rerun to train it under the current recipe"
         )
 
 

@@ -23,6 +23,7 @@ picked the same way among all candidates, the baseline included: the question is
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from pathlib import Path
@@ -408,7 +409,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["command"] == "select":
         previous = read_json(cfg["previous"]) if cfg.get("previous") else None
         out = select_rung(cfg, metrics, previous)
-        _check_states(cfg["metrics"], metrics, out, int(cfg["rung"]))
+        _check_states(cfg["metrics"], metrics, out, int(cfg["rung"]), list(cfg.get("schedule") or []))
     else:
         out = summarize_halving(cfg, [read_json(p) for p in cfg.get("rungs") or []], metrics)
     atomic_write_json(cfg["out"], out)
@@ -421,15 +422,29 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_states(paths: list[str], metrics: list[dict[str, Any]], out: dict[str, Any], rung: int) -> None:
+def _rung_finished(folder: Path, schedule: list[int]) -> bool:
+    """Whether the rung run in ``folder`` (``.../rung{r}``) finished to the epochs ``schedule`` gives rung r."""
+    r = int(folder.name.removeprefix("rung"))
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    done = all((folder / name).exists() for name in ("metrics.json", "model.safetensors"))
+    return done and r <= len(schedule) and saved.get("stop_epoch") == schedule[r - 1]
+
+
+def _check_states(
+    paths: list[str], metrics: list[dict[str, Any]], out: dict[str, Any], rung: int, schedule: list[int]
+) -> None:
     """Every run that goes on must have the state it goes on from. A selection rerun under another rule (search.promote,
     eta, the candidates) can promote a run whose state an earlier selection freed: say so here, not in a failed job.
-    A run whose next rung has already finished needs no state (a selection rerun after a setting that decides
-    nothing changed: the next rung's jobs read the selection as an ancient input and are not rerun)."""
+    A run whose next rung has already finished, to the epochs the schedule now asks of it, needs no state (a
+    selection rerun after a setting that decides nothing changed: the next rung's jobs read the selection as an
+    ancient input and are not rerun)."""
     from lcnn import checkpoint  # imports torch: only here
 
     lost = [Path(p).parent for p, m in zip(paths, metrics) if m["variant"] in out["next"]]
-    lost = [d for d in lost if not (d.parent / f"rung{rung + 1}" / "metrics.json").exists()]
+    lost = [d for d in lost if not _rung_finished(d.parent / f"rung{rung + 1}", schedule)]
     lost = [d for d in lost if checkpoint.find(d / "state") is None]
     if lost:
         raise LcnnError(

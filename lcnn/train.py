@@ -56,12 +56,12 @@ MIN_LOSS_SCALE = 1e-4
 # idles for it, so the epoch line says so and metrics.json records the share (more loader workers, or staging fix it)
 DATA_WAIT_WARN = 0.10
 NEWER_IDENTITY_KEYS = ("steps_per_epoch", "data")  # identity keys a state saved by an older lcnn lacks
-ACCELERATE_KEPT = {"ACCELERATE_LOG_LEVEL"}
+ACCELERATE_KEPT = {"ACCELERATE_LOG_LEVEL"}  # Accelerate's variables a job may take from its environment (logging)
 # Seeds of one run's streams are spaced this far apart. Accelerate's seedable sampler shuffles epoch e with
 # data_seed + e, and set_seed(device_specific=True) seeds rank r with seed + r: on the seed itself, seed 1 would
 # replay seed 0's shuffles one epoch later (and seed 1's rank 0 draw seed 0's rank-1 masks), so the seeds' spread,
 # the noise every gain is measured against, would come out too small. Seed 0 on one process is unchanged.
-SEED_STRIDE = 1_000_003  # Accelerate's variables a job may take from its environment (logging)
+SEED_STRIDE = 1_000_003
 
 
 class Progress:

@@ -549,3 +549,23 @@ def test_pareto_pairs_latency_with_accuracy_trained_at_the_benchmarks_resolution
     bench_models["img_size"] = 288  # timed at 288 px: now the 288-px variant is the like-for-like one
     m = report_tables.models_table(acc, pd.DataFrame(), rows, bench_models, "baseline").iloc[0]
     assert (m["best_variant"], m["benchmark_note"]) == ("res288", "")
+
+
+def test_a_search_of_unknown_cost_leaves_the_compute_totals_unknown() -> None:
+    """A search summary told before lcnn recorded device-hours (or over several device types) has no cost to add:
+    its model's row shows none, and so does the ALL row, rather than a total that silently leaves it out."""
+    from lcnn import report_tables
+
+    runs = pd.DataFrame(
+        [
+            {"model": m, "variant": "baseline", "status": "ok", "device_type": "cuda", "device_hours": 1.0}
+            | {"epochs_completed": 9, "train_seconds": 3600.0, "data_wait_fraction": None}
+            for m in ("a", "b")
+        ]
+    )
+    known = {"model": "a", "compute": {"epochs": 30, "device_hours": 2.5, "device_type": "cuda"}}
+    table = report_tables.compute_table(runs, [known]).set_index("model")
+    assert table.loc["a", "search_device_hours"] == table.loc["ALL", "search_device_hours"] == 2.5
+    table = report_tables.compute_table(runs, [known, {"model": "b", "epochs": 30}]).set_index("model")
+    assert table.loc["a", "search_device_hours"] == 2.5 and pd.isna(table.loc["b", "search_device_hours"])
+    assert pd.isna(table.loc["ALL", "search_device_hours"]) and table.loc["ALL", "device_hours"] == 2.0

@@ -155,7 +155,8 @@ def test_a_reselection_that_promotes_a_freed_run_says_what_to_delete(tmp_path):
 
 
 def test_a_reselection_after_the_next_rung_finished_needs_no_freed_state(tmp_path):
-    """The next rung's runs finished and freed the states they went on from; the selection, rerun, keeps them."""
+    """The next rung's runs finished and freed the states they went on from; the selection, rerun, keeps them, unless
+    the schedule now asks another number of epochs of that rung (then it reruns and needs the state)."""
     cfg = {"model": "m", "rung": 1, "epochs": 1, "budget": 3, "eta": 2, "seeds": [0], "pinned": [], "schedule": [1, 3]}
     cfg |= {"candidates": ["a", "b"], "command": "select", "out": tmp_path / "rung1.json", "promote": "mean"}
     paths = []
@@ -166,8 +167,14 @@ def test_a_reselection_after_the_next_rung_finished_needs_no_freed_state(tmp_pat
     cfg["metrics"] = [str(p) for p in paths]
     with pytest.raises(LcnnError, match=r"a/seed0/rung1 go on to the next rung"):  # no state, no next rung yet
         search.run(cfg)
-    (tmp_path / "a" / "seed0" / "rung2").mkdir()
-    (tmp_path / "a" / "seed0" / "rung2" / "metrics.json").write_text(json.dumps(metrics("a", 0, 40.0)))
+    rung2 = tmp_path / "a" / "seed0" / "rung2"
+    rung2.mkdir()
+    (rung2 / "metrics.json").write_text(json.dumps(metrics("a", 0, 40.0)))
+    (rung2 / "model.safetensors").write_bytes(b"weights")
+    (rung2 / "config.json").write_text(json.dumps({"stop_epoch": 2}))  # rung 2 of another schedule: it reruns
+    with pytest.raises(LcnnError, match=r"a/seed0/rung1 go on to the next rung"):
+        search.run(cfg)
+    (rung2 / "config.json").write_text(json.dumps({"stop_epoch": 3}))  # finished to what the schedule asks
     assert search.run(cfg)["next"] == ["a"]
 
 
