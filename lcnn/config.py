@@ -364,25 +364,15 @@ def run_recipe(
     return recipe
 
 
-# a run config's keys that belong to its recipe (with ``train``'s RECIPE_TRAIN_KEYS); a halving rung adds the last two
-RECIPE_KEYS = ("model", "timm_name", "native_img_size", "variant", "seed", "hparams", "pretrained_tag")
-RECIPE_KEYS += ("stop_epoch", "init_state")
-
-
-def recipe_of(run: dict[str, Any]) -> dict[str, Any]:
-    """The recipe part of a run config (what its weights depend on), e.g. of a run's saved ``config.json``."""
-    recipe = {k: copy.deepcopy(run.get(k)) for k in RECIPE_KEYS}
-    return recipe | {"train": {k: (run.get("train") or {}).get(k) for k in RECIPE_TRAIN_KEYS}}
-
-
 def recipe_changes(saved: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    """The settings where a run's saved config differs from ``recipe`` (only the keys ``recipe`` has are compared;
-    a config saved before recipes dropped unused hyperparameters compares by the ones it used)."""
-    old, new = recipe_of(saved), copy.deepcopy(recipe)
-    old_hp, new_hp = used_hparams(old.pop("hparams") or {}), new.pop("hparams", None)
-    changed = [k for k in new if k != "train" and old.get(k) != new[k]]
-    changed += [f"train.{k}" for k in new.get("train") or {} if old["train"].get(k) != new["train"][k]]
-    if new_hp is not None:
+    """The settings where a run's saved config (its ``config.json``) differs from ``recipe`` (a :func:`run_recipe`;
+    only the keys it has are compared, and a config saved before recipes dropped unused hyperparameters compares
+    by the ones it used)."""
+    old_train = saved.get("train") or {}
+    changed = [k for k in recipe if k not in ("train", "hparams") and saved.get(k) != recipe[k]]
+    changed += [f"train.{k}" for k, v in (recipe.get("train") or {}).items() if old_train.get(k) != v]
+    if "hparams" in recipe:
+        old_hp, new_hp = used_hparams(saved.get("hparams") or {}), recipe["hparams"]
         changed += [f"hparams.{k}" for k in sorted(old_hp.keys() | new_hp.keys()) if old_hp.get(k) != new_hp.get(k)]
     return changed
 

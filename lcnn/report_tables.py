@@ -229,8 +229,8 @@ def models_table(
         size = info.get("img_size")
         # the accuracy a Pareto point pairs with the benchmark's latency: trained at the resolution it was timed at,
         # where any variant was (a study trained at one size and timed at another on purpose keeps its pairing)
-        same = ranked["img_size"].isna() | (ranked["img_size"] == size) if size and "img_size" in ranked else None
-        same = same if same is not None and (ranked["img_size"] == size).any() else None
+        at_size = ranked["img_size"] == size if size and "img_size" in ranked else None
+        same = at_size | ranked["img_size"].isna() if at_size is not None and at_size.any() else None
         top = (ranked[same] if same is not None else ranked).head(1)
         other = ranked.head(1) if same is not None and len(ranked) and not same.iloc[0] else None
         row = {"model": model, "timm_name": info.get("timm_name"), "device": info.get("device", "n/a")}
