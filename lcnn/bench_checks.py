@@ -6,13 +6,10 @@
   the check inputs (:class:`Reference`): up to CHECK_IMAGES validation images when a manifest is given, else seeded
   random images. Outputs that are not finite give "nan"; a relative logit error above HALF_REL_TOL (REL_TOL for
   compiled fp32) or, on validation images, top-1 agreement below MIN_AGREEMENT gives "mismatch".
-* :func:`compiler_missing` says in one line what torch.compile lacks (a C++ compiler, triton) before compiling.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -126,22 +123,6 @@ class Reference:
             why = f"{precision} top-1 agrees with fp32 on {agreement['fp32_top1_agreement']:.1%} of {self.source}"
             return "mismatch", f"{why} (< {MIN_AGREEMENT:.0%}); not timed"
         return None
-
-
-def compiler_missing(device: torch.device) -> str | None:
-    """What torch.compile's default backend (inductor) lacks on ``device``, in one line (None when nothing)."""
-    try:
-        import torch._dynamo  # noqa: F401
-        from torch._inductor import config as inductor_config
-    except Exception as err:
-        return f"torch.compile is unavailable in this torch build ({error_text(err)})"
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
-    if device.type == "cpu":
-        names = [c for c in inductor_config.cpp.cxx if c]
-        if not any(shutil.which(c) for c in names):
-            return f"torch.compile on the CPU needs a C++ compiler; none found (looked for {', '.join(names)}; set CXX)"
-    return None
 
 
 def check_config(

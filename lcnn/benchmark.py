@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lcnn import devices, timing
-from lcnn.bench_checks import Reference, check_config, compiler_missing, output_diff, reparameterized
+from lcnn.bench_checks import Reference, check_config, output_diff, reparameterized
 from lcnn.config import schema_defaults, validate_section
 from lcnn.timing import REL_TOL, MemProbe, error_text, log, make_input, make_row, progress_line
 from lcnn.utils import LcnnError, atomic_write_json, cli, environment, exit_now, json_arg, read_json
@@ -228,7 +228,7 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
         if fused is not None:
             rows += sweep_form("reparam", fused, settings, device, img_size, probe, skip=skip, reference=reference)
         if settings["compile"]:
-            missing = compiler_missing(device)
+            missing = devices.compiler_missing(device)
             if missing:
                 log(f"[bench] compile: {missing}; the compiled rows are recorded as skipped", settings["quiet"])
             skip = ("skipped", missing) if missing else None

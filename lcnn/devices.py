@@ -7,9 +7,15 @@ into a one-line error naming torch's CUDA build, the driver and what to install.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+from typing import TYPE_CHECKING
 
 from lcnn.utils import LcnnError, nvidia_driver
+
+if TYPE_CHECKING:
+    import torch
 
 # what SLURM and the CUDA runtime set when a job was given GPUs (SLURM sets them for --gpus and --gres)
 GPU_ENV_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS")
@@ -89,3 +95,22 @@ def check_precision(precision: str, device: str, key: str) -> None:
     why = precision_unsupported(precision, device)
     if why:
         raise LcnnError(f"{key} is {precision} but {why}; {_PRECISION_FIX[precision]}")
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """What torch.compile's default backend (inductor) lacks on ``device`` (a torch.device), in one line (None when
+    nothing): the benchmark's compiled rows and ``train.compile`` ask before compiling."""
+    from lcnn.timing import error_text
+
+    try:
+        import torch._dynamo  # noqa: F401
+        from torch._inductor import config as inductor_config
+    except Exception as err:
+        return f"torch.compile is unavailable in this torch build ({error_text(err)})"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+    if device.type == "cpu":
+        names = [c for c in inductor_config.cpp.cxx if c]
+        if not any(shutil.which(c) for c in names):
+            return f"torch.compile on the CPU needs a C++ compiler; none found (looked for {', '.join(names)}; set CXX)"
+    return None

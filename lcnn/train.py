@@ -208,6 +208,8 @@ def setup(cfg: dict[str, Any]) -> Job:
     )
     if tcfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
+    if tcfg.get("compile"):  # in place: parameter names, saved weights and states stay those of the eager model
+        model.compile()
     optimizer, lr = build_optimizer(model, hp, accelerator.num_processes, fused=tcfg["fused_optimizer"])
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, loaders.train, loaders.val)
     steps = min(len(train_loader), tcfg.get("max_steps_per_epoch") or len(train_loader))
@@ -256,6 +258,9 @@ def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
     device = devices.resolve(tcfg.get("device", "auto"), "train.device")
     precision = tcfg.get("precision", "no")
     devices.check_precision(precision, device, "train.precision")
+    missing = devices.compiler_missing(torch.device(device)) if tcfg.get("compile") else None
+    if missing:  # before any data or model is set up: a job that cannot compile stops in its first seconds
+        raise LcnnError(f"train.compile is true but {missing}; install it, or set train.compile: false")
     if tcfg.get("deterministic"):  # bit-identical resume on a GPU, at some cost in speed
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: an op with no deterministic CUDA kernel (e.g. adaptive pooling's backward) warns, not crashes
@@ -612,10 +617,13 @@ def precise_bn(job: Job) -> None:
             images = job.on_device(images.to(device, non_blocking=True))
             yield images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
-    # drop-path and dropout still draw in train mode: the process RNG (which a saved state restores) is set back
+    # drop-path and dropout still draw in train mode: the process RNG (which a saved state restores) is set back.
+    # A compiled model runs eagerly here: update_bn's cumulative average (momentum None) reads each BatchNorm's
+    # batch count as a Python number, which would recompile its graph on every batch.
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.no_grad(), job.accelerator.autocast():
-        update_bn(inputs(), model)
+        with torch.compiler.set_stance("force_eager"):
+            update_bn(inputs(), model)
 
 
 def evaluate(

@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO
 from torch import nn
 
-from lcnn import bench_checks, benchmark, config, models, timing
+from lcnn import bench_checks, benchmark, config, devices, models, timing
 
 CONTRACT_ROW_KEYS = {
     "form", "engine", "device", "precision", "channels_last", "batch_size", "status", "error",
@@ -256,8 +256,8 @@ def test_compile_without_a_compiler_says_what_is_missing_and_skips():
 
 @pytest.mark.slow
 def test_compile_where_a_compiler_exists_is_checked_then_timed():
-    if bench_checks.compiler_missing(torch.device("cpu")):
-        pytest.skip(bench_checks.compiler_missing(torch.device("cpu")))
+    if devices.compiler_missing(torch.device("cpu")):
+        pytest.skip(devices.compiler_missing(torch.device("cpu")))
     result = benchmark.benchmark_model(Tiny(), {"img_size": 16, "benchmark": settings(compile=True)})
     compiled = rows_by(result, form="compiled")
     assert len(compiled) == 1 and compiled[0]["status"] == "ok", compiled
@@ -495,7 +495,7 @@ def test_a_sticky_cuda_error_while_compiling_fails_the_job(tmp_path, monkeypatch
         return call
 
     monkeypatch.setattr(benchmark, "_compiled", compiled_then_poisoned)  # no GPU here to poison
-    monkeypatch.setattr(benchmark, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(devices, "compiler_missing", lambda device: None)
     monkeypatch.setattr(models, "create", lambda *a, **k: Tiny())
     out = tmp_path / "tiny.json"
     cfg = {"timm_name": "tiny", "img_size": 16, "out": str(out), "benchmark": settings(compile=True)}

@@ -220,3 +220,37 @@ def test_launcher_gives_torchrun_a_save_grace_and_sigusr1_only_where_torchrun_ta
     ]
     err = capsys.readouterr().err
     assert "has no --shutdown_timeout" in err and "has no --signals-to-handle" in err
+
+
+def test_a_compiled_run_keeps_eager_weights_and_states_and_resumes_uncompiled(built_data, tmp_path, env):
+    """``train.compile`` compiles the model in place, under DDP on two ranks: the saved weights and state carry the
+    eager model's names, so a state saved while compiled resumes with compile off (and the reverse). Precise BN runs
+    eagerly and validation's smaller last batch compiles once, so no rank hits torch's recompile limit."""
+    cfg = job_config(built_data)
+    cfg["models"]["tiny_cnn"] = {"timm": "test_efficientnet"}  # timm's test network: compiling costs per layer
+    cfg["train"].update(compile=True, precise_bn_batches=2, log_every=2)
+    out, cache = tmp_path / "run", tmp_path / "inductor"
+    compiled_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCH_LOGS": "recompiles"}
+    cmd = [sys.executable, "-m", "lcnn.launch", "--nproc", "2", "--", *rule_args(cfg, "tiny_cnn", "baseline", out)]
+    log = tmp_path / "compiled.log"
+    proc = start_logged(cmd, compiled_env, log, start_new_session=True)
+    wait_until(lambda: "epoch 2 step 2/" in log.read_text(), proc, log)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == launch.EXIT_PREEMPTED, log.read_text()[-3000:]
+    text = log.read_text()
+    compiled = {p for p in cache.rglob("*") if p.is_file()}
+    assert compiled, "nothing was compiled"
+    # one graph for training, one for validation and one for its smaller last batch, per rank: never the limit
+    assert text.count("Recompiling function") <= 4 and "recompile_limit" not in text and "cache_size_limit" not in text
+
+    cfg["train"]["compile"] = False
+    retry = tmp_path / "eager.log"
+    args = rule_args(cfg, "tiny_cnn", "baseline", out)
+    proc = start_logged([sys.executable, "-m", "lcnn.launch", "--nproc", "2", "--", *args], compiled_env, retry)
+    assert proc.wait(timeout=300) == 0, retry.read_text()[-3000:]
+    assert "resuming at epoch 2 step" in retry.read_text()
+    assert {p for p in cache.rglob("*") if p.is_file()} == compiled  # the eager resume compiled nothing
+    model = models.create("test_efficientnet", 10)
+    model.load_state_dict(load_file(str(out / "model.safetensors")))  # strict: the eager model's names
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2] and history["train_loss"].notna().all()

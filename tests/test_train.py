@@ -541,6 +541,17 @@ def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
         train.run(rc)
 
 
+def test_train_compile_without_a_compiler_stops_in_one_line_before_anything_is_written(
+    built_data, tmp_path, monkeypatch
+):
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++",))
+    with pytest.raises(LcnnError, match="train.compile is true but torch.compile on the CPU needs a C.. compiler"):
+        train.run(run_cfg(built_data, tmp_path / "run", compile=True))
+    assert not (tmp_path / "run").exists()
+
+
 def test_accelerate_variables_in_the_jobs_environment_change_nothing(built_data, tmp_path, monkeypatch, capsys):
     """sbatch exports the login shell's environment: an ACCELERATE_* variable there must not reach a job. Accelerate
     divides every loss by ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which the loop (stepping every batch) would turn
