@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from lcnn import devices
 from lcnn.tools import gpu_check
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -252,6 +253,32 @@ def test_the_training_loop_syncs_only_at_its_checks_on_this_gpu(tmp_path):
 def test_the_whole_gpu_check_passes_on_this_gpu(tmp_path):
     result = gpu_check.run({"out": tmp_path})
     assert (tmp_path / "gpu_check.json").is_file() and (tmp_path / "gpu_check.md").is_file()
-    assert len(result["checks"]) == len(gpu_check.CHECKS)
+    assert len(result["checks"]) == len(gpu_check.DEFAULT_CHECKS)
     failed = [c for c in result["checks"] if c["status"] == "failed"]
     assert not failed, failed
+
+
+@pytest.mark.slow
+def test_compile_check_times_the_compiled_step_against_the_eager_bare_loop_on_the_cpu():
+    """The check of train.compile, for real on the CPU (timm's test network: compiling costs per layer): lcnn's
+    model compiled in place, its compiling timed apart from the timed steps. It is not in the default run."""
+    if devices.compiler_missing(torch.device("cpu")):
+        pytest.skip(devices.compiler_missing(torch.device("cpu")))
+    ctx = {"device": "cpu", "compile_model": "test_efficientnet", "batch_size": 4, "img_size": 32, "steps": 2,
+           "warmup": 1, "budget_s": 600}  # fmt: skip
+    out = gpu_check.check_compile(ctx)
+    assert out["status"] == "ok", out["reason"]
+    (row,) = out["rows"]
+    assert row["compiled"] and row["compile_seconds"] > 0 and row["lcnn_images_per_s"] > 0
+    assert "compiled lcnn step" in out["reason"] and "compile" not in gpu_check.DEFAULT_CHECKS
+    assert "## train.compile" in gpu_check.to_markdown(
+        {"status": "ok", "seconds": 1, "checks": [{"name": "compile", **out}]}
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_gpu
+def test_compile_check_runs_on_this_gpu():
+    out = gpu_check.check_compile({"device": "cuda", "budget_s": 600})
+    assert out["status"] == "ok", out["reason"]

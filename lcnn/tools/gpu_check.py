@@ -21,6 +21,9 @@ The checks, in order (budgets in :data:`BUDGETS_S`):
 * ``throughput``: training images/s at batch 128, bf16, channels_last, lcnn's step against a bare PyTorch loop.
 * ``benchmark``: lcnn.benchmark's fp16 sweep (batch 1 to 512, CUDA events) beside timm's published figures.
 * ``oom``: a batch too large for the card is recorded as ``oom`` and the sweep goes on.
+
+Not in the default run (``--checks compile`` runs it): ``compile``, what ``train.compile`` gains, MobileNetV3-L's
+compiled lcnn step against the eager bare loop, with the time spent compiling.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from lcnn.utils import LcnnError, atomic_write_json, atomic_write_text, cli
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 450.0  # the whole check stops starting new work here (the issue's limit is 8 minutes)
-BUDGETS_S = {"train": 240, "resume": 110, "multi_gpu": 70, "syncs": 40, "throughput": 50, "benchmark": 70, "oom": 40}
+BUDGETS_S = {"train": 240, "resume": 110, "multi_gpu": 70, "syncs": 40, "throughput": 50, "benchmark": 70, "oom": 40,
+             "compile": 240}  # fmt: skip
 THROUGHPUT_GOAL = 0.95  # lcnn's step against a bare PyTorch loop
 THROUGHPUT_MODELS = ("mobilenetv3_large_100", "convnext_tiny")
+COMPILE_MODEL = "mobilenetv3_large_100"  # the check of train.compile (run on its own: --checks compile)
 BENCH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 # timm's published inference figures for a comparable card: huggingface/pytorch-image-models,
 # results/benchmark-infer-amp-nchw-pt291-cu128-4090.csv (RTX 4090, AMP, NCHW, torch 2.9.1, CUDA 12.8, batch 1024):
@@ -461,7 +466,7 @@ def check_syncs(ctx: dict[str, Any], log_every: int = 5) -> dict[str, Any]:
 
 def train_throughput(
     timm_name: str, *, device: str = "cuda", batch_size: int = 128, img_size: int = 224, steps: int = 30,
-    warmup: int = 10, repeats: int = 2, config_path: Path = REPO / "config.yaml",
+    warmup: int = 10, repeats: int = 2, config_path: Path = REPO / "config.yaml", compiled: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Training images/s of lcnn's step against a bare PyTorch loop on the same model, optimizer and batch.
 
@@ -474,6 +479,9 @@ def train_throughput(
     Each loop's aten calls per step are counted too (one profiled step each). Every aten call costs host time, and
     a step as short as MobileNetV3-L's on a fast GPU is bound by that host time, not by the GPU: so when the
     ratio misses the goal, the counts tell whether lcnn's step does more work or the timing is noise.
+
+    ``compiled``: lcnn's model is compiled in place as ``train.compile`` does, and its first step's time (the
+    compiling) is recorded as ``compile_seconds``; the bare loop stays eager, so ``ratio`` is compile's speed-up.
     """
     import torch
 
@@ -491,6 +499,8 @@ def train_throughput(
     targets = torch.randint(0, 1000, (batch_size,), generator=gen).to(dev)
 
     lcnn_model = models.create(timm_name, 1000, img_size).to(memory_format=torch.channels_last)
+    if compiled:
+        lcnn_model.compile()
     lcnn_opt, _ = recipe.build_optimizer(lcnn_model, hp, 1)
     lcnn_model, lcnn_opt = accelerator.prepare(lcnn_model, lcnn_opt)
     scheduler = recipe.build_scheduler(lcnn_opt, hp, steps_per_epoch=1000)
@@ -542,6 +552,12 @@ def train_throughput(
 
     lcnn_model.train()
     bare_model.train()
+    compile_seconds = None
+    if compiled:  # the first call compiles: timed apart, so the timed steps below are the compiled graph's
+        t0 = time.perf_counter()
+        lcnn_step()
+        _sync(dev)
+        compile_seconds = time.perf_counter() - t0
     best = {"bare": 0.0, "lcnn": 0.0}
     steps_by_name = {"bare": bare_step, "lcnn": lcnn_step}
     for i in range(repeats):
@@ -562,6 +578,8 @@ def train_throughput(
         "lcnn_aten_calls_per_step": lcnn_calls,
         "bare_aten_calls_per_step": bare_calls,
         "aten_calls_ratio": lcnn_calls / bare_calls,
+        "compiled": compiled,
+        "compile_seconds": compile_seconds,
     }
 
 
@@ -582,6 +600,26 @@ def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
     reason = _problems((f"below the goal of {THROUGHPUT_GOAL}", low), ("over budget", skipped))
     status = "failed" if low or skipped else "ok"
     return {"status": status, "reason": reason or f"all >= {THROUGHPUT_GOAL}", "rows": rows, "skipped": skipped}
+
+
+def check_compile(ctx: dict[str, Any]) -> dict[str, Any]:
+    """What ``train.compile`` gains: lcnn's compiled step against the eager bare loop (MobileNetV3-L, whose eager
+    step is bound by kernel launches); not in the default run, whose 8 minutes it would not fit."""
+    import torch
+
+    from lcnn import devices
+
+    missing = devices.compiler_missing(torch.device(ctx["device"]))
+    if missing:
+        return {"status": "skipped", "reason": missing, "rows": []}
+    kw = {k: ctx[k] for k in ("batch_size", "img_size", "steps", "warmup") if k in ctx}
+    row = train_throughput(ctx.get("compile_model", COMPILE_MODEL), device=ctx["device"], compiled=True, **kw)
+    _free(ctx["device"])
+    reason = (
+        f"{row['model']}: compiled lcnn step {row['lcnn_images_per_s']:.0f} images/s, {row['ratio']:.2f}x the eager "
+        f"bare loop's {row['bare_images_per_s']:.0f}, after {row['compile_seconds']:.0f} s compiling"
+    )
+    return {"status": "ok", "reason": reason, "rows": [row]}
 
 
 # -------------------------------------------------------------------------------------------------- benchmark
@@ -711,7 +749,9 @@ CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "throughput": check_throughput,
     "benchmark": check_benchmark,
     "oom": check_oom,
+    "compile": check_compile,
 }
+DEFAULT_CHECKS = [name for name in CHECKS if name != "compile"]  # compiling alone takes a minute or more
 
 
 def _err(err: BaseException) -> str:
@@ -784,8 +824,8 @@ def run_checks(ctx: dict[str, Any], names: list[str], deadline_s: float, budgets
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the checks and write gpu_check.json and gpu_check.md into ``cfg['out']``.
 
-    cfg keys: out, config (its models), checks (names, default all), deadline_s, budgets; and, so the harness can
-    be exercised on the CPU, device ("cuda"), img_size (224), precisions (bf16, fp16) and models (all).
+    cfg keys: out, config (its models), checks (names, default DEFAULT_CHECKS), deadline_s, budgets; and, so the
+    harness can be exercised on the CPU, device ("cuda"), img_size (224), precisions (bf16, fp16) and models (all).
     """
     import torch
 
@@ -795,7 +835,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     models = study.load(config_path)["models"]
     if cfg.get("models"):
         models = {name: models[name] for name in cfg["models"]}
-    names = cfg.get("checks") or list(CHECKS)
+    names = cfg.get("checks") or DEFAULT_CHECKS
     unknown = sorted(set(names) - set(CHECKS))
     if unknown:
         raise LcnnError(f"unknown check {unknown[0]}; choose from {', '.join(CHECKS)}")
@@ -859,6 +899,12 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"## Training throughput (bf16, channels_last; goal >= {THROUGHPUT_GOAL})\n\n"
             + _table(by_name["throughput"]["rows"], cols)
         )
+    if by_name.get("compile", {}).get("rows"):
+        cols = ["model", "batch_size", "compile_seconds", "lcnn_images_per_s", "bare_images_per_s", "ratio"]
+        parts.append(
+            "## train.compile (bf16, channels_last): compiled lcnn step against the eager bare loop\n\n"
+            + _table(by_name["compile"]["rows"], cols)
+        )
     if by_name.get("benchmark", {}).get("published"):
         bench = by_name["benchmark"]
         cols = [
@@ -887,7 +933,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--config", default=str(REPO / "config.yaml"), help="the study config (its models)")
-    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument(
+        "--checks", default=",".join(DEFAULT_CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}"
+    )
     parser.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds after which no check starts")
     parser.add_argument("--require-gpu", action="store_true", help="exit 2 where there is no GPU, instead of 0")
     args = parser.parse_args(argv)
