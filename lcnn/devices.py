@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sysconfig
 from typing import TYPE_CHECKING
 
 from lcnn.utils import LcnnError, nvidia_driver
@@ -107,8 +108,18 @@ def compiler_missing(device: torch.device) -> str | None:
         from torch._inductor import config as inductor_config
     except Exception as err:
         return f"torch.compile is unavailable in this torch build ({error_text(err)})"
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+        # triton builds a C launcher at the first kernel launch (triton.runtime.build): a compiler and Python.h
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return "torch.compile on CUDA needs a C compiler for triton; none found (looked for CC, gcc, clang)"
+        scheme = sysconfig.get_default_scheme()
+        include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+        if not os.path.isfile(os.path.join(include, "Python.h")):
+            return (
+                f"torch.compile on CUDA needs Python's headers for triton; {include}/Python.h is missing (python3-dev)"
+            )
     if device.type == "cpu":
         names = [c for c in inductor_config.cpp.cxx if c]
         if not any(shutil.which(c) for c in names):

@@ -208,8 +208,8 @@ def setup(cfg: dict[str, Any]) -> Job:
     )
     if tcfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    if tcfg.get("compile"):  # in place: parameter names, saved weights and states stay those of the eager model
-        model.compile()
+    if tcfg.get("compile"):
+        compile_model(model)
     optimizer, lr = build_optimizer(model, hp, accelerator.num_processes, fused=tcfg["fused_optimizer"])
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, loaders.train, loaders.val)
     steps = min(len(train_loader), tcfg.get("max_steps_per_epoch") or len(train_loader))
@@ -245,6 +245,20 @@ def setup(cfg: dict[str, Any]) -> Job:
     # each rank draws its own drop-path masks and Mixup/CutMix parameters (its saved RNG state restores them)
     set_seed(rank_seed(cfg["seed"], accelerator.process_index))
     return job
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``train.compile``: torch.compile ``model`` in place, so its parameter names, saved weights and training states
+    stay those of the eager model (a state resumes with compile switched either way).
+
+    A frame that reaches torch's recompile limit would otherwise run eagerly from then on, after one warning line:
+    here it fails the job instead. Graphs and counts left by earlier runs in this process (tools, tests) are
+    dropped first: Accelerate's forward wrapper is one code object for every model, so they would add up.
+    """
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    model.compile()
+    return model
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -228,7 +228,8 @@ def test_a_compiled_run_keeps_eager_weights_and_states_and_resumes_uncompiled(bu
     eagerly and validation's smaller last batch compiles once, so no rank hits torch's recompile limit."""
     cfg = job_config(built_data)
     cfg["models"]["tiny_cnn"] = {"timm": "test_efficientnet"}  # timm's test network: compiling costs per layer
-    cfg["train"].update(compile=True, precise_bn_batches=2, log_every=2)
+    # bf16: the compiled graph runs inside Accelerate's autocast forward wrapper, as on a GPU
+    cfg["train"].update(compile=True, precise_bn_batches=2, log_every=2, precision="bf16")
     out, cache = tmp_path / "run", tmp_path / "inductor"
     compiled_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCH_LOGS": "recompiles"}
     cmd = [sys.executable, "-m", "lcnn.launch", "--nproc", "2", "--", *rule_args(cfg, "tiny_cnn", "baseline", out)]

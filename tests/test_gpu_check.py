@@ -259,17 +259,22 @@ def test_the_whole_gpu_check_passes_on_this_gpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_check_times_the_compiled_step_against_the_eager_bare_loop_on_the_cpu():
+def test_compile_check_times_the_compiled_step_against_the_eager_bare_loop_on_the_cpu(tmp_path):
     """The check of train.compile, for real on the CPU (timm's test network: compiling costs per layer): lcnn's
-    model compiled in place, its compiling timed apart from the timed steps. It is not in the default run."""
+    model compiled in place into a cold cache of its own, its compiling timed apart from the timed steps, which
+    run one graph. It is not in the default run."""
     if devices.compiler_missing(torch.device("cpu")):
         pytest.skip(devices.compiler_missing(torch.device("cpu")))
     ctx = {"device": "cpu", "compile_model": "test_efficientnet", "batch_size": 4, "img_size": 32, "steps": 2,
-           "warmup": 1, "budget_s": 600}  # fmt: skip
+           "warmup": 1, "budget_s": 600, "work": tmp_path}  # fmt: skip
     out = gpu_check.check_compile(ctx)
     assert out["status"] == "ok", out["reason"]
     (row,) = out["rows"]
-    assert row["compiled"] and row["compile_seconds"] > 0 and row["lcnn_images_per_s"] > 0
+    assert row["compiled"] and row["compile_seconds"] > 0 and row["lcnn_images_per_s"] > 0 and row["graphs"] == 1
+    assert any(p.is_file() for p in (tmp_path / "inductor").rglob("*"))  # compiled cold, not from a warm cache
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or os.environ["TORCHINDUCTOR_CACHE_DIR"] != str(
+        tmp_path / "inductor"
+    )
     assert "compiled lcnn step" in out["reason"] and "compile" not in gpu_check.DEFAULT_CHECKS
     assert "## train.compile" in gpu_check.to_markdown(
         {"status": "ok", "seconds": 1, "checks": [{"name": "compile", **out}]}
@@ -279,6 +284,6 @@ def test_compile_check_times_the_compiled_step_against_the_eager_bare_loop_on_th
 @pytest.mark.gpu
 @pytest.mark.slow
 @needs_gpu
-def test_compile_check_runs_on_this_gpu():
-    out = gpu_check.check_compile({"device": "cuda", "budget_s": 600})
+def test_compile_check_runs_on_this_gpu(tmp_path):
+    out = gpu_check.check_compile({"device": "cuda", "budget_s": 600, "work": tmp_path})
     assert out["status"] == "ok", out["reason"]

@@ -541,13 +541,23 @@ def test_user_errors_stop_early_with_one_line(built_data, tmp_path):
         train.run(rc)
 
 
-def test_train_compile_without_a_compiler_stops_in_one_line_before_anything_is_written(
-    built_data, tmp_path, monkeypatch
-):
+def test_a_compiled_model_that_reaches_the_recompile_limit_fails_instead_of_running_eagerly():
+    """Past torch's recompile limit a frame silently runs eagerly (one warning line): a compiled job fails instead.
+    Graphs of earlier compiles in the process are dropped first, so they do not count against it."""
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):  # restored after
+        model = train.compile_model(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2)))
+        model(torch.randn(3, 4))  # the training graph
+        model.eval()  # another graph: past a limit of 1
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            model(torch.randn(3, 4))
+    torch._dynamo.reset()
+
+
+def test_train_compile_without_a_compiler_stops_in_one_line_before_anything_is_written(built_data, tmp_path):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++",))
-    with pytest.raises(LcnnError, match="train.compile is true but torch.compile on the CPU needs a C.. compiler"):
+    message = "train.compile is true but torch.compile on the CPU needs a C.. compiler"
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++",)}), pytest.raises(LcnnError, match=message):
         train.run(run_cfg(built_data, tmp_path / "run", compile=True))
     assert not (tmp_path / "run").exists()
 

@@ -499,8 +499,9 @@ def train_throughput(
     targets = torch.randint(0, 1000, (batch_size,), generator=gen).to(dev)
 
     lcnn_model = models.create(timm_name, 1000, img_size).to(memory_format=torch.channels_last)
+    graphs_before = _graphs()  # a process-wide count that torch._dynamo.reset() keeps
     if compiled:
-        lcnn_model.compile()
+        train.compile_model(lcnn_model)
     lcnn_opt, _ = recipe.build_optimizer(lcnn_model, hp, 1)
     lcnn_model, lcnn_opt = accelerator.prepare(lcnn_model, lcnn_opt)
     scheduler = recipe.build_scheduler(lcnn_opt, hp, steps_per_epoch=1000)
@@ -580,7 +581,15 @@ def train_throughput(
         "aten_calls_ratio": lcnn_calls / bare_calls,
         "compiled": compiled,
         "compile_seconds": compile_seconds,
+        # graphs dynamo made (training: 1); more would mean recompiles, each paid in the timed steps
+        "graphs": _graphs() - graphs_before if compiled else None,
     }
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -613,13 +622,32 @@ def check_compile(ctx: dict[str, Any]) -> dict[str, Any]:
     if missing:
         return {"status": "skipped", "reason": missing, "rows": []}
     kw = {k: ctx[k] for k in ("batch_size", "img_size", "steps", "warmup") if k in ctx}
-    row = train_throughput(ctx.get("compile_model", COMPILE_MODEL), device=ctx["device"], compiled=True, **kw)
+    # a cold cache, as on a fresh node: inductor's default one (/tmp/torchinductor_$USER) outlives a run
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(ctx["work"] / "inductor"), "TRITON_CACHE_DIR": str(ctx["work"] / "triton")}
+    with _environ(cache):
+        row = train_throughput(ctx.get("compile_model", COMPILE_MODEL), device=ctx["device"], compiled=True, **kw)
     _free(ctx["device"])
     reason = (
         f"{row['model']}: compiled lcnn step {row['lcnn_images_per_s']:.0f} images/s, {row['ratio']:.2f}x the eager "
         f"bare loop's {row['bare_images_per_s']:.0f}, after {row['compile_seconds']:.0f} s compiling"
     )
+    if row["graphs"] != 1:  # the timed steps recompiled: what was timed is not one compiled graph
+        return {"status": "failed", "reason": f"{reason}; {row['graphs']} graphs for one training step", "rows": [row]}
     return {"status": "ok", "reason": reason, "rows": [row]}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # -------------------------------------------------------------------------------------------------- benchmark
