@@ -6,6 +6,7 @@ an nvidia-smi that answers) is exactly the broken node the check is for: torch s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -103,3 +104,17 @@ def test_bf16_on_a_gpu_without_it_in_hardware_stops_before_training(monkeypatch,
     devices.check_precision("bf16", "cpu", "train.precision")  # the CPU has bf16 kernels of its own
     with pytest.raises(LcnnError, match="fp16 but there is no GPU"):
         devices.check_precision("fp16", "cpu", "train.precision")
+
+
+def test_compiling_for_cuda_needs_triton_and_the_c_compiler_and_headers_triton_builds_with(monkeypatch, tmp_path):
+    """triton builds a C launcher at a compiled model's first kernel launch: without a compiler or Python.h a GPU
+    job would die there, after its set-up, in a traceback. train.compile asks first and says it in one line."""
+    if importlib.util.find_spec("triton") is None:
+        assert "needs triton" in devices.compiler_missing(torch.device("cuda"))
+        return
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    assert "needs a C compiler for triton" in devices.compiler_missing(torch.device("cuda"))
+    monkeypatch.setenv("CC", "cc")
+    monkeypatch.setattr(devices.sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    assert f"{tmp_path}/Python.h is missing" in devices.compiler_missing(torch.device("cuda"))
