@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO
 
 from lcnn import devices
@@ -287,3 +288,14 @@ def test_compile_check_times_the_compiled_step_against_the_eager_bare_loop_on_th
 def test_compile_check_runs_on_this_gpu(tmp_path):
     out = gpu_check.check_compile({"device": "cuda", "budget_s": 600, "work": tmp_path})
     assert out["status"] == "ok", out["reason"]
+
+
+def test_the_small_runs_stay_eager_where_the_study_compiles(tmp_path):
+    """The resume, two-process and sync checks each start trainers on a budget that compiling would overrun."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["train"]["compile"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = gpu_check.study_config(tmp_path, tmp_path / "config.yaml")
+    assert (
+        cfg["train"]["compile"] and gpu_check.run_json(cfg, device="cpu", precision="bf16")["train"]["compile"] is False
+    )

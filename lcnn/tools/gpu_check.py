@@ -198,12 +198,17 @@ def study_config(work: Path, config_path: Path) -> dict[str, Any]:
 
 
 def run_json(cfg: dict[str, Any], *, device: str, precision: str, img_size: int = 64, epochs: int = 2) -> dict:
-    """A small MobileNetV3-L run config (15 steps per epoch at batch 8) through lcnn.config.run_config."""
+    """A small MobileNetV3-L run config (15 steps per epoch at batch 8) through lcnn.config.run_config.
+
+    Eager even where the study sets ``train.compile``: each run would compile for a minute or more, past these
+    checks' budgets; the ``compile`` check measures compiling."""
     from lcnn import config as study
 
     rc = study.run_config(cfg, "mobilenetv3_l", "baseline", 0)
     rc["hparams"].update(epochs=epochs, batch_size=8, img_size=img_size)
-    rc["train"].update(precision=precision, device=device, num_workers=0, log_every=1, keep_checkpoint=False)
+    rc["train"].update(
+        precision=precision, device=device, num_workers=0, log_every=1, keep_checkpoint=False, compile=False
+    )
     if "deterministic" in rc["train"]:  # deterministic kernels, where the trainer offers them: bit-identical resume
         rc["train"]["deterministic"] = True
     return rc
