@@ -315,8 +315,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Build the model (lcnn.models, weights optional), benchmark it and write ``cfg['out']`` atomically.
 
     cfg keys: timm_name, model_name (defaults to timm_name), num_classes (1000), img_size (training resolution;
-    None = the model's default), weights (safetensors path or None = random init), out (JSON path or None),
-    benchmark (the config's benchmark section; missing keys take the schema's defaults).
+    None = the model's default), pretrained_tag (whose normalisation and crop the run trained with), weights
+    (safetensors path or None = random init), out (JSON path or None), benchmark (the config's benchmark section;
+    missing keys take the schema's defaults).
     """
     from lcnn import models
 
@@ -325,7 +326,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if ran is not None and ran.get("status") != "ok":  # a diverged run's weights are not worth timing
         return _not_benchmarked(cfg, ran)
     rss_baseline = timing.rss_mb()
-    model = models.create(cfg["timm_name"], cfg.get("num_classes") or 1000, img_size=cfg.get("img_size"))
+    model = models.create(
+        cfg["timm_name"], cfg.get("num_classes") or 1000, img_size=cfg.get("img_size"),
+        pretrained_tag=cfg.get("pretrained_tag"),  # its normalisation and eval crop: the validation check's images
+    )  # fmt: skip
     if cfg.get("weights"):
         models.load_weights(model, cfg["weights"])
     else:
@@ -430,6 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "run_metrics": args.run_metrics,
         "num_classes": args.num_classes or run_cfg.get("num_classes") or 1000,
         "img_size": args.img_size or run_cfg.get("img_size"),
+        "pretrained_tag": run_cfg.get("pretrained_tag"),
         "out": args.out or f"benchmarks/{model_name}.json",
         "benchmark": section,
     }

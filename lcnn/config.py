@@ -343,8 +343,8 @@ def run_recipe(
     """What one training job's weights depend on: model, variant recipe, seed, precision and device count.
 
     The train rule hands it over as a params value, so editing any of it (and nothing else) reruns the job. It
-    carries only the settings this run uses: a pretrained tag only under ``init: pretrained``, and of the
-    hyperparameters those :func:`used_hparams` keeps (``overrides``, an optuna trial's values, go on first).
+    carries only the settings this run uses: of the hyperparameters, those :func:`used_hparams` keeps
+    (``overrides``, an optuna trial's values, go on first).
     """
     if model not in cfg["models"]:
         raise LcnnError(f"unknown model '{model}'; configured models: {', '.join(cfg['models'])}")
@@ -358,9 +358,10 @@ def run_recipe(
         "seed": int(seed),
         "hparams": used_hparams(hp),
         "train": {k: copy.deepcopy(cfg["train"][k]) for k in RECIPE_TRAIN_KEYS},
+        # every run of a model takes its input normalisation and evaluation crop from these weights' config (so
+        # the initialization axis compares like with like); init: pretrained also loads them
+        "pretrained_tag": spec.get("pretrained_tag"),
     }
-    if hp.get("init") == "pretrained":  # lcnn.models and the loaders' normalisation read the tag only then
-        recipe["pretrained_tag"] = spec.get("pretrained_tag")
     return recipe
 
 

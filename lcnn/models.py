@@ -50,11 +50,12 @@ def create(
         kwargs["img_size"] = img_size
     if init == "pretrained":
         model = _create_pretrained(timm_name, pretrained_tag, pretrained_file, kwargs)
-    else:
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    else:  # the tag's config (no weights) rides on the model: model.pretrained_cfg gives its normalisation and crop
+        name = f"{timm_name}.{_checked_tag(timm_name, pretrained_tag)}" if pretrained_tag else timm_name
+        model = timm.create_model(name, pretrained=False, **kwargs)
     windows = _scaled_windows(model, img_size)
     if windows and init != "pretrained":
-        model = timm.create_model(timm_name, pretrained=False, window_sizes=windows, **kwargs)
+        model = timm.create_model(name, pretrained=False, window_sizes=windows, **kwargs)
     if init not in ("default", "pretrained"):
         reinitialize(model, init)
     return model
@@ -80,15 +81,19 @@ def _init_arg(model: nn.Module, name: str):
     return param.default if param is not None and param.default is not inspect.Parameter.empty else None
 
 
+def _checked_tag(timm_name: str, tag: str) -> str:
+    known = timm.list_pretrained(f"{timm_name}.*")
+    if f"{timm_name}.{tag}" not in known:
+        tags = ", ".join(t.split(".", 1)[1] for t in known)
+        raise LcnnError(f"timm has no pretrained tag '{tag}' for {timm_name}; use one of {tags}")
+    return tag
+
+
 def _create_pretrained(
     timm_name: str, tag: str | None, pretrained_file: str | None, kwargs: dict[str, Any]
 ) -> nn.Module:
     """Load ImageNet weights from a local file or the local Hugging Face cache, never from the network."""
-    name = f"{timm_name}.{tag}" if tag else timm_name
-    known = timm.list_pretrained(f"{timm_name}.*") if tag else [name]
-    if name not in known:
-        tags = ", ".join(t.split(".", 1)[1] for t in known)
-        raise LcnnError(f"timm has no pretrained tag '{tag}' for {timm_name}; use one of {tags}")
+    name = f"{timm_name}.{_checked_tag(timm_name, tag)}" if tag else timm_name
     if pretrained_file:
         if not Path(pretrained_file).is_file():
             raise LcnnError(

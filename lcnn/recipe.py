@@ -203,7 +203,9 @@ def build_loaders(
             f"batch_size {hp['batch_size']} x {num_processes} devices exceeds the {len(train_set)} training images "
             f"in {root}; lower baseline.batch_size (or the variant's) below {len(train_set)}"
         )
-    tag = cfg.get("pretrained_tag") if hp["init"] == "pretrained" else None  # pretrained weights: their normalisation
+    # the configured weights' normalisation and eval crop for every init: timm's default tag can differ (ConvNeXt-T's
+    # in12k_ft_in1k crops 0.95 where fb_in1k crops 0.875), and the initialization axis must compare like with like
+    tag = cfg.get("pretrained_tag")
     timm_name = f"{cfg['timm_name']}.{tag}" if tag else cfg["timm_name"]
     prefetcher = tcfg.get("prefetcher", True)
     train_tf, eval_tf = transforms(hp, img_size, timm_name, prefetcher)

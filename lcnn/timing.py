@@ -210,9 +210,12 @@ def val_images(manifest: str | Path, model: torch.nn.Module, img_size: int):
     from lcnn.data import ManifestDataset
     from lcnn.recipe import transforms
 
-    timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    timm_name = pretrained_cfg.get("architecture")
     if not timm_name:
         raise ValueError("the model has no timm pretrained_cfg naming its architecture; build it with lcnn.models")
+    if pretrained_cfg.get("tag"):  # the weights' config the run was trained under (lcnn.models.create's tag)
+        timm_name = f"{timm_name}.{pretrained_cfg['tag']}"
     no_augment = {"scale": (1.0, 1.0), "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None, "re_prob": 0.0}
     return ManifestDataset(manifest, transform=transforms(no_augment, img_size, timm_name)[1])
 

@@ -120,7 +120,7 @@ RECIPE_EDITS = [
     ("baseline", {"baseline": {"color_jitter": 0.4}}, True),
     ("baseline", {"baseline": {"pretrained_file": "weights.safetensors"}}, False),
     ("pretrained", {"baseline": {"pretrained_file": "weights.safetensors"}}, True),
-    ("kaiming", {"models": {"convnext_t": {"pretrained_tag": "fb_in22k_ft_in1k"}}}, False),
+    ("kaiming", {"models": {"convnext_t": {"pretrained_tag": "fb_in22k_ft_in1k"}}}, True),  # its normalisation
     ("pretrained", {"models": {"convnext_t": {"pretrained_tag": "fb_in22k_ft_in1k"}}}, True),
     ("baseline", {"baseline": {"lr_base_size": 512}}, True),
     ("baseline", {"baseline": {"lr_scale": "none", "lr_base_size": 512}}, "vs lr_scale none"),
@@ -138,11 +138,11 @@ def test_a_runs_recipe_changes_only_with_the_settings_it_uses(variant, edit, use
     assert (before != after) is used, (before["hparams"], after["hparams"])
 
 
-def test_the_pretrained_tag_and_file_reach_only_pretrained_runs():
+def test_the_pretrained_tag_reaches_every_run_and_the_file_only_pretrained_runs():
     cfg = study.validate(copy.deepcopy(REAL))
     plain, pretrained = (study.run_recipe(cfg, "convnext_t", v, 0) for v in ("baseline", "pretrained"))
-    assert "pretrained_tag" not in plain and "pretrained_file" not in plain["hparams"]
-    assert pretrained["pretrained_tag"] == "fb_in1k" and "pretrained_file" in pretrained["hparams"]
+    assert plain["pretrained_tag"] == pretrained["pretrained_tag"] == "fb_in1k"  # their normalisation and crop
+    assert "pretrained_file" not in plain["hparams"] and "pretrained_file" in pretrained["hparams"]
 
 
 def test_an_optuna_trial_keeps_the_settings_its_sampled_values_make_it_use():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_config
 
-from lcnn import models
+from lcnn import config as study
+from lcnn import models, recipe, timing
 from lcnn.utils import LcnnError
 
 MODELS = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
@@ -85,3 +86,21 @@ def test_pretrained_tag_is_checked_and_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
     with pytest.raises(LcnnError, match=r"weights for mobilevitv2_050\.cvnets_in1k are not in the local"):
         models.create("mobilevitv2_050", 10, init="pretrained", pretrained_tag="cvnets_in1k")
+
+
+def test_every_run_of_a_model_is_normalised_and_cropped_like_its_configured_weights(built_data):
+    """timm's default tag for convnext_tiny (in12k_ft_in1k) crops validation images at 0.95, the configured fb_in1k at
+    0.875. Given only to pretrained runs, the tag made the initialization axis compare a 0.875 crop with every other
+    run's 0.95; now the trainer's loaders and the benchmark's validation check crop every run alike."""
+    assert recipe.normalization("convnext_tiny")["crop_pct"] == 0.95
+    cfg = tiny_config(built_data)
+    cfg["models"]["convnext_t"] = {"timm": "convnext_tiny", "pretrained_tag": "fb_in1k"}
+    resizes = set()
+    for variant in ("baseline", "kaiming", "pretrained"):
+        rc = study.run_config(cfg, "convnext_t", variant, 0)
+        rc["train"]["num_workers"] = 0
+        resizes.add(recipe.build_loaders(rc, 224, 1).val.dataset.transform.transforms[0].size)
+    model = models.create("convnext_tiny", 10, pretrained_tag="fb_in1k")  # no weights: the tag's config only
+    assert model.pretrained_cfg["tag"] == "fb_in1k"
+    resizes.add(timing.val_images(built_data / "val.csv", model, 224).transform.transforms[0].size)
+    assert resizes == {256}  # 224 / 0.875

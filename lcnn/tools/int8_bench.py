@@ -100,7 +100,7 @@ def bench_model(cfg: dict[str, Any], model: str, weights: Path, num_classes: int
     from lcnn import benchmark, models
 
     spec = cfg["models"][model]
-    net = models.create(spec["timm"], num_classes, img_size=args.img_size)
+    net = models.create(spec["timm"], num_classes, img_size=args.img_size, pretrained_tag=spec.get("pretrained_tag"))
     models.load_weights(net, weights)
     section = {
         "device": "cpu", "batch_sizes": [1], "precisions": ["fp32"], "channels_last": [False],
