@@ -327,7 +327,7 @@ def _progress(results: Iterable[dict[str, Any]], total: int, split: str) -> Iter
 # --------------------------------------------------------------------------------------------------------- sources
 def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
     """Map validation image stem -> wnid from LOC_val_solution.csv (or a plain ``file wnid`` list)."""
-    lines = Path(path).read_text().splitlines()
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of line 1
     out: dict[str, str] = {}
     loc = bool(lines) and lines[0].startswith("ImageId")
     for number, line in enumerate(lines[1:] if loc else lines, 2 if loc else 1):
@@ -357,7 +357,17 @@ def _imagenet_candidates(cfg: dict[str, Any], classes: list[str]) -> tuple[dict,
     if cfg["imagenet"]["val_labels"]:
         labels = read_val_labels(cfg["imagenet"]["val_labels"])
         val: dict[str, list[str]] = {c: [] for c in classes}
-        for name in _list_images(val_dir):
+        names = _list_images(val_dir)
+        # an ImageNet validation image without a label means a partial or wrong labels file: its images would
+        # vanish from validation without a word (a stray file of another name is ignored)
+        unlabelled = [n for n in names if n.startswith("ILSVRC2012_val_") and Path(n).stem not in labels]
+        if unlabelled:
+            raise LcnnError(
+                f"{len(unlabelled)} ImageNet validation images in {val_dir} have no label in "
+                f"data.imagenet.val_labels={cfg['imagenet']['val_labels']} (e.g. {unlabelled[0]}); use the complete "
+                "LOC_val_solution.csv"
+            )
+        for name in names:
             wnid = labels.get(Path(name).stem)
             if wnid in val:
                 val[wnid].append(str(val_dir / name))

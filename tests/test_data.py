@@ -370,3 +370,18 @@ def test_one_epoch_on_prepared_imagenet_photos_through_the_real_loader(clean: Fa
     assert math.isfinite(float(history[0]["train_loss"])) and 0 <= float(history[0]["top1"]) <= 100
     staged = list((tmp_path / "local").glob("lcnn_data_*"))
     assert len(staged) == 1 and (staged[0] / dataset.STAMP).is_file()
+
+
+def test_a_partial_labels_file_is_named_instead_of_shrinking_validation(fake: FakeImageNet, tmp_path: Path) -> None:
+    """ImageNet validation images that the labels file does not list would drop out of validation without a word;
+    a byte-order mark before the header is not part of it."""
+    rows = fake.val_labels.read_text().splitlines()
+    bom = tmp_path / "bom.csv"
+    bom.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert data.read_val_labels(bom) == data.read_val_labels(fake.val_labels)
+    partial = tmp_path / "partial.csv"
+    partial.write_text("\n".join(rows[:-2]) + "\n")
+    cfg = fake.data_cfg(tmp_path / "out")
+    cfg["imagenet"] = {**cfg["imagenet"], "val_labels": str(partial)}
+    with pytest.raises(LcnnError, match=r"2 ImageNet validation images in .* have no label in .*partial.csv"):
+        data.run(cfg)
