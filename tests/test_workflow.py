@@ -178,16 +178,18 @@ def test_editing_a_variants_recipe_retrains_exactly_that_variant(tiny_study, tmp
 @pytest.mark.slow
 def test_editing_a_setting_no_run_uses_retrains_nothing(tiny_study, tmp_path):
     # the tiny study's runs use AdamW and a cosine schedule without warmup: none of these reaches them
-    edit = {
-        "baseline": {"decay_milestones": [1], "decay_rate": 0.5, "momentum": 0.5, "warmup_lr": 0.001},
-        "models": {"mobilenetv3_l": {"pretrained_tag": "miil_in21k_ft_in1k"}},
-    }
+    edit = {"baseline": {"decay_milestones": [1], "decay_rate": 0.5, "momentum": 0.5, "warmup_lr": 0.001}}
     (tmp_path / "edit.yaml").write_text(yaml.safe_dump(edit))
     proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
     (tmp_path / "edit.yaml").write_text(yaml.safe_dump({"baseline": {"min_lr": 0.001}}))  # cosine's floor: used
     proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
     assert job_counts(proc.stdout)["train"] == 4
+    # a model's weights tag gives every run of it its normalisation (miil's: mean 0, std 1): that model retrains
+    edit = {"models": {"mobilenetv3_l": {"pretrained_tag": "miil_in21k_ft_in1k"}}}
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump(edit))
+    proc = snakemake(tiny_study, "-n", "report", *TINY_ARGS, str(tmp_path / "edit.yaml"))
+    assert set(re.findall(r"runs/(\w+)/\w+/seed0/metrics\.json", proc.stdout)) == {"mobilenetv3_l"}
 
 
 @pytest.mark.slow
