@@ -193,7 +193,10 @@ def check_models(cfg: dict[str, Any], cache_dir: str | Path | None = None) -> No
     names are checked in a subprocess (in process where timm is already loaded), and with ``cache_dir`` a success is
     remembered there, keyed by the names and timm's version: the next parse of the same study skips the subprocess.
     """
-    names = sorted({cfg["models"][m]["timm"] for m in selected_models(cfg)})
+    specs = [cfg["models"][m] for m in selected_models(cfg)]
+    # architectures, and each with its pretrained tag (every run is normalised and cropped like those weights)
+    tagged = {f"{s['timm']}.{s['pretrained_tag']}" for s in specs if s.get("pretrained_tag")}
+    names = sorted({s["timm"] for s in specs} | tagged)
     try:
         version = importlib.metadata.version("timm")
     except importlib.metadata.PackageNotFoundError:
@@ -207,6 +210,12 @@ def check_models(cfg: dict[str, Any], cache_dir: str | Path | None = None) -> No
         timm_name = cfg["models"][name]["timm"]
         if timm_name in unknown:
             raise LcnnError(f"models.{name}.timm = '{timm_name}' is not a timm model; pick one from timm.list_models()")
+        tag = cfg["models"][name].get("pretrained_tag")
+        if tag and f"{timm_name}.{tag}" in unknown:
+            raise LcnnError(
+                f"models.{name}.pretrained_tag = '{tag}' is not a timm pretrained tag of {timm_name}; pick one from "
+                f"timm.list_pretrained('{timm_name}.*') or null"
+            )
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps({"timm": version, "models": names}) + "\n")
@@ -214,8 +223,12 @@ def check_models(cfg: dict[str, Any], cache_dir: str | Path | None = None) -> No
 
 def _unknown_timm_names(names: list[str]) -> list[str]:
     if "timm" in sys.modules:
-        return [n for n in names if not sys.modules["timm"].is_model(n)]
-    code = "import json, sys, timm; print(json.dumps([n for n in sys.argv[1:] if not timm.is_model(n)]))"
+        timm = sys.modules["timm"]
+        return [n for n in names if not (timm.is_model(n) and ("." not in n or timm.list_pretrained(n)))]
+    code = (
+        "import json, sys, timm; print(json.dumps([n for n in sys.argv[1:] "
+        "if not (timm.is_model(n) and ('.' not in n or timm.list_pretrained(n)))]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

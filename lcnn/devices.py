@@ -114,14 +114,13 @@ def compiler_missing(device: torch.device) -> str | None:
         # triton builds a C launcher at the first kernel launch (triton.runtime.build): a compiler and Python.h
         if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
             return "torch.compile on CUDA needs a C compiler for triton; none found (looked for CC, gcc, clang)"
-        scheme = sysconfig.get_default_scheme()
-        include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
-        if not os.path.isfile(os.path.join(include, "Python.h")):
-            return (
-                f"torch.compile on CUDA needs Python's headers for triton; {include}/Python.h is missing (python3-dev)"
-            )
     if device.type == "cpu":
         names = [c for c in inductor_config.cpp.cxx if c]
         if not any(shutil.which(c) for c in names):
             return f"torch.compile on the CPU needs a C++ compiler; none found (looked for {', '.join(names)}; set CXX)"
+    # both build C code that includes Python.h: triton its launcher, inductor its CPU kernels
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return f"torch.compile needs Python's headers; {include}/Python.h is missing (install python3-dev)"
     return None

@@ -35,7 +35,8 @@ def create(
 
     ``img_size`` only reaches architectures whose pretrained config says their input size is fixed;
     the study's seven models are all size-agnostic. ``pretrained_tag`` picks which of timm's pretrained
-    weights ``init: pretrained`` loads from the local cache (e.g. ``fb_in1k``; None = timm's default tag).
+    weights ``init: pretrained`` loads from the local cache (e.g. ``fb_in1k``; None = timm's default tag); under
+    any other init the model carries that tag's pretrained config (its normalisation and crop), without weights.
     """
     if not timm.is_model(timm_name):
         close = timm.list_models(f"*{timm_name.split('_')[0]}*")[:5]

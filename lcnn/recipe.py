@@ -107,6 +107,16 @@ def _kill_workers_at_exit() -> None:
     atexit.register(kill_children)
 
 
+def data_name(cfg: dict[str, Any]) -> str:
+    """The timm name (``arch.tag``) whose pretrained config normalises and crops a run's images.
+
+    The configured weights' for every init: timm's default tag can differ (ConvNeXt-T's in12k_ft_in1k crops at 0.95,
+    the configured fb_in1k at 0.875), and the initialization axis must compare like with like.
+    """
+    tag = cfg.get("pretrained_tag")
+    return f"{cfg['timm_name']}.{tag}" if tag else cfg["timm_name"]
+
+
 def normalization(timm_name: str) -> dict[str, Any]:
     """The model's own input normalisation (mean, std, crop_pct) from its pretrained config, without building it."""
     import timm
@@ -203,10 +213,7 @@ def build_loaders(
             f"batch_size {hp['batch_size']} x {num_processes} devices exceeds the {len(train_set)} training images "
             f"in {root}; lower baseline.batch_size (or the variant's) below {len(train_set)}"
         )
-    # the configured weights' normalisation and eval crop for every init: timm's default tag can differ (ConvNeXt-T's
-    # in12k_ft_in1k crops 0.95 where fb_in1k crops 0.875), and the initialization axis must compare like with like
-    tag = cfg.get("pretrained_tag")
-    timm_name = f"{cfg['timm_name']}.{tag}" if tag else cfg["timm_name"]
+    timm_name = data_name(cfg)
     prefetcher = tcfg.get("prefetcher", True)
     train_tf, eval_tf = transforms(hp, img_size, timm_name, prefetcher)
     workers = tcfg.get("num_workers", 0)

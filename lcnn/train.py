@@ -13,6 +13,7 @@ so a retry resumes exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import math
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from lcnn import checkpoint, dataset, devices, models, owner, tracking
 from lcnn.config import RECIPE_TRAIN_KEYS, merge_run, used_hparams
 from lcnn.launch import EXIT_PREEMPTED, STOP_SIGNALS, note_preempted
-from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler
+from lcnn.recipe import build_loaders, build_loss, build_optimizer, build_scheduler, data_name, normalization
 from lcnn.utils import (
     LcnnError,
     atomic_save,
@@ -256,7 +257,8 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     dropped first: Accelerate's forward wrapper is one code object for every model, so they would add up.
     """
     torch._dynamo.reset()
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    flag = "fail_on_recompile_limit_hit"  # torch 2.7's name; before it, fail_on_cache_limit_hit
+    setattr(torch._dynamo.config, flag if hasattr(torch._dynamo.config, flag) else "fail_on_cache_limit_hit", True)
     model.compile()
     return model
 
@@ -272,7 +274,11 @@ def make_accelerator(cfg: dict[str, Any]) -> tuple[Accelerator, str]:
     device = devices.resolve(tcfg.get("device", "auto"), "train.device")
     precision = tcfg.get("precision", "no")
     devices.check_precision(precision, device, "train.precision")
-    missing = devices.compiler_missing(torch.device(device)) if tcfg.get("compile") else None
+    missing = None
+    if tcfg.get("compile"):
+        missing = devices.compiler_missing(torch.device(device))
+        if not hasattr(torch.compiler, "set_stance"):  # precise BN runs a compiled model eagerly through it
+            missing = f"it needs torch 2.6 or newer (this is {torch.__version__})"
     if missing:  # before any data or model is set up: a job that cannot compile stops in its first seconds
         raise LcnnError(f"train.compile is true but {missing}; install it, or set train.compile: false")
     if tcfg.get("deterministic"):  # bit-identical resume on a GPU, at some cost in speed
@@ -333,6 +339,7 @@ def identity(job: Job) -> dict[str, Any]:
         "num_processes": job.accelerator.num_processes,
         # the schedule's length comes from the steps per epoch, and a resume loads it with the state
         "steps_per_epoch": job.steps,
+        "normalization": _jsonable(normalization(data_name(cfg))),  # the input's mean and std, the eval crop
         "data": job.data,
     }
 
@@ -366,6 +373,9 @@ def _check_state_fits(meta: dict[str, Any], job: Job, folder: Path) -> None:
     old, new = meta.get("run") or {}, identity(job)
     old_hparams = used_hparams(old.get("hparams") or {})  # a state saved before recipes dropped unused settings
     flat_old = {**{k: v for k, v in old.items() if k != "hparams"}, **old_hparams}
+    if "normalization" not in flat_old:  # saved before every run took its tag's: only pretrained runs did
+        tag = job.cfg.get("pretrained_tag") if job.cfg["hparams"]["init"] == "pretrained" else None
+        flat_old["normalization"] = _jsonable(normalization(data_name({**job.cfg, "pretrained_tag": tag})))
     for key in NEWER_IDENTITY_KEYS:  # a state saved before lcnn recorded them: not checked, as then
         flat_old.setdefault(key, new[key])
     flat_new = {**{k: v for k, v in new.items() if k != "hparams"}, **new["hparams"]}
@@ -635,9 +645,9 @@ def precise_bn(job: Job) -> None:
     # A compiled model runs eagerly here: update_bn's cumulative average (momentum None) reads each BatchNorm's
     # batch count as a Python number, which would recompile its graph on every batch.
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), torch.no_grad(), job.accelerator.autocast():
-        with torch.compiler.set_stance("force_eager"):
-            update_bn(inputs(), model)
+    eager = torch.compiler.set_stance("force_eager") if job.tcfg.get("compile") else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), job.accelerator.autocast(), eager:
+        update_bn(inputs(), model)
 
 
 def evaluate(

@@ -87,6 +87,10 @@ def test_select_restricts_runs():
         (lambda c: c.update(grid={"a/b": [1]}), "'grid.a/b' is not a hyperparameter"),
         (lambda c: c.update(grid={"lr_base": [1e-3, 0.001]}), "'grid.lr_base' lists the same value twice"),
         (lambda c: c.update(grid={"auto_augment": ["rand-m9", "rand m9"]}), "both named grid_auto_augment-rand-m9"),
+        (  # every run is normalised and cropped like the tag's weights: a wrong tag stops the study, not its jobs
+            lambda c: c["models"]["convnext_t"].update(pretrained_tag="fb_in2k"),
+            "models.convnext_t.pretrained_tag = 'fb_in2k' is not a timm pretrained tag of convnext_tiny",
+        ),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(mutate, message):

@@ -116,5 +116,7 @@ def test_compiling_for_cuda_needs_triton_and_the_c_compiler_and_headers_triton_b
     monkeypatch.setattr(devices.shutil, "which", lambda name: None)
     assert "needs a C compiler for triton" in devices.compiler_missing(torch.device("cuda"))
     monkeypatch.setenv("CC", "cc")
+    monkeypatch.setattr(devices.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(devices.sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
-    assert f"{tmp_path}/Python.h is missing" in devices.compiler_missing(torch.device("cuda"))
+    for device in ("cuda", "cpu"):  # inductor's CPU kernels include it too
+        assert f"{tmp_path}/Python.h is missing" in devices.compiler_missing(torch.device(device))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -553,11 +554,16 @@ def test_a_compiled_model_that_reaches_the_recompile_limit_fails_instead_of_runn
     torch._dynamo.reset()
 
 
-def test_train_compile_without_a_compiler_stops_in_one_line_before_anything_is_written(built_data, tmp_path):
+def test_train_compile_without_a_compiler_stops_in_one_line_before_anything_is_written(
+    built_data, tmp_path, monkeypatch
+):
     from torch._inductor import config as inductor_config
 
     message = "train.compile is true but torch.compile on the CPU needs a C.. compiler"
     with inductor_config.patch({"cpp.cxx": ("no-such-c++",)}), pytest.raises(LcnnError, match=message):
+        train.run(run_cfg(built_data, tmp_path / "run", compile=True))
+    monkeypatch.delattr(torch.compiler, "set_stance")  # torch before 2.6: precise BN could not run eagerly
+    with pytest.raises(LcnnError, match="train.compile is true but it needs torch 2.6 or newer"):
         train.run(run_cfg(built_data, tmp_path / "run", compile=True))
     assert not (tmp_path / "run").exists()
 
@@ -657,3 +663,25 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_training(built_data,
     with pytest.raises(LcnnError, match=r"train.log_with includes wandb but wandb is not installed; pip install"):
         train.run(run_cfg(built_data, tmp_path, log_with=["wandb"]))
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_state_normalised_or_cropped_otherwise_is_refused_and_an_older_one_is_checked_by_the_old_rule(
+    built_data, tmp_path
+):
+    """A resume must not switch a run's input normalisation or eval crop mid-run. States saved before every run took
+    its configured tag's (only init: pretrained runs did) are checked against what the old rule gave them:
+    ConvNeXt-T's baseline then cropped at 0.95 (timm's default tag), now at 0.875 (fb_in1k)."""
+    cfg = tiny_config(built_data)
+    cfg["models"]["convnext_t"] = {"timm": "convnext_tiny", "pretrained_tag": "fb_in1k"}
+    job = SimpleNamespace(num_classes=10, img_size=224, accelerator=SimpleNamespace(num_processes=1), steps=5,
+                          data="subset", out=tmp_path)  # fmt: skip
+    for variant, old_rule_fits in (("baseline", False), ("pretrained", True)):
+        job.cfg = study.run_config(cfg, "convnext_t", variant, 0)
+        saved = train.identity(job)
+        train._check_state_fits({"run": saved}, job, tmp_path)
+        older = {k: v for k, v in saved.items() if k != "normalization"}
+        if old_rule_fits:
+            train._check_state_fits({"run": older}, job, tmp_path)
+        else:
+            with pytest.raises(LcnnError, match=r"other settings \(normalization .*0\.95.* -> .*0\.875"):
+                train._check_state_fits({"run": older}, job, tmp_path)

@@ -81,26 +81,34 @@ def trained_weights(cfg: dict[str, Any], model: str, reuse_any: bool = False) ->
     metrics_path, config_path = out / "metrics.json", out / "config.json"
     if metrics_path.is_file() and config_path.is_file():
         saved = read_json(config_path)
-        same = all(saved.get(k) == run_cfg[k] for k in ("hparams", "timm_name")) and all(
+        same = all(saved.get(k) == run_cfg[k] for k in ("hparams", "timm_name", "pretrained_tag")) and all(
             saved.get("train", {}).get(k) == run_cfg["train"][k] for k in study.RECIPE_TRAIN_KEYS
         )
         if same or reuse_any:
             print(f"[int8] {model}: reusing {out} ({'same' if same else 'its own recorded'} recipe)", file=sys.stderr)
-            return out / "model.safetensors", {**read_json(metrics_path), "recipe": saved.get("hparams")}
+            recorded = {"recipe": saved.get("hparams"), "pretrained_tag": saved.get("pretrained_tag")}
+            return out / "model.safetensors", {**read_json(metrics_path), **recorded}
     epochs, size = cfg["baseline"]["epochs"], cfg["baseline"]["img_size"]
     print(f"[int8] {model}: training {epochs} epochs at {size} px", file=sys.stderr)
     metrics = train.run({**run_cfg, "out_dir": str(out)})
     if metrics["status"] != "ok":
         raise LcnnError(f"{model} diverged while training for the int8 check; lower lr_base in the demo overlay")
-    return out / "model.safetensors", {**metrics, "recipe": run_cfg["hparams"]}
+    return out / "model.safetensors", {
+        **metrics,
+        "recipe": run_cfg["hparams"],
+        "pretrained_tag": run_cfg["pretrained_tag"],
+    }
 
 
-def bench_model(cfg: dict[str, Any], model: str, weights: Path, num_classes: int, args) -> dict[str, Any]:
-    """lcnn.benchmark's ONNX path (fp32, static and dynamic int8) on the trained weights and validation images."""
+def bench_model(
+    cfg: dict[str, Any], model: str, weights: Path, num_classes: int, args, pretrained_tag: str | None = None
+) -> dict[str, Any]:
+    """lcnn.benchmark's ONNX path (fp32, static and dynamic int8) on the trained weights and validation images,
+    normalised and cropped as the run that trained them (``pretrained_tag``)."""
     from lcnn import benchmark, models
 
     spec = cfg["models"][model]
-    net = models.create(spec["timm"], num_classes, img_size=args.img_size, pretrained_tag=spec.get("pretrained_tag"))
+    net = models.create(spec["timm"], num_classes, img_size=args.img_size, pretrained_tag=pretrained_tag)
     models.load_weights(net, weights)
     section = {
         "device": "cpu", "batch_sizes": [1], "precisions": ["fp32"], "channels_last": [False],
@@ -159,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows, results = [], {}
     for model in args.models:
         weights, metrics = trained_weights(cfg, model, args.reuse_weights)
-        result = bench_model(cfg, model, weights, metrics["num_classes"], args)
+        result = bench_model(cfg, model, weights, metrics["num_classes"], args, metrics.get("pretrained_tag"))
         results[model] = {k: result[k] for k in ("checks", "rows", "env", "host_other_cpu_share")}
         results[model]["train_metrics"] = metrics
         rows.append(summary_row(model, result, metrics, args.max_top1_drop))
