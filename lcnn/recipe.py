@@ -10,8 +10,10 @@ import atexit
 import functools
 import inspect
 import math
+import os
 import random
 import signal
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,7 +26,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lcnn.config import SCHEDULE_KEYS
+from lcnn.config import SCHEDULE_KEYS, prepared_definition
 from lcnn.dataset import ManifestDataset, stage
 from lcnn.launch import STOP_SIGNALS
 from lcnn.utils import LcnnError, kill_children
@@ -105,6 +107,24 @@ def _kill_workers_at_exit() -> None:
     import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit handler, if nothing did yet)
 
     atexit.register(kill_children)
+
+
+def short_side_too_low(root: str, img_size: int, crop_pct: float) -> str | None:
+    """Why the prepared images are too small for evaluation at ``img_size`` (None when they are not, or unknown).
+
+    Evaluation resizes the short side to ``img_size / crop_pct`` and crops the centre; images prepared smaller are
+    upsampled there, blurring every validation image alike, so top-1 drops without a word. (The built-in digits
+    are 28 px drawings, upsampled whatever the size.)
+    """
+    prepared = prepared_definition(root) or {}
+    short_side = prepared.get("short_side")
+    needed = math.floor(img_size / crop_pct)  # as timm's create_transform resizes for evaluation
+    if prepared.get("source") != "imagenet" or not short_side or short_side >= needed:
+        return None
+    return (
+        f"data.short_side {short_side} is below the {needed} px that evaluation resizes to at img_size {img_size} "
+        f"(crop {crop_pct}): validation images are upsampled; prepare the subset with short_side >= {needed}"
+    )
 
 
 def data_name(cfg: dict[str, Any]) -> str:
@@ -214,6 +234,9 @@ def build_loaders(
             f"in {root}; lower baseline.batch_size (or the variant's) below {len(train_set)}"
         )
     timm_name = data_name(cfg)
+    low = short_side_too_low(cfg["data_root"], img_size, normalization(timm_name)["crop_pct"])
+    if low and int(os.environ.get("RANK", "0")) == 0:
+        print(f"lcnn: warning: {low}", file=sys.stderr, flush=True)
     prefetcher = tcfg.get("prefetcher", True)
     train_tf, eval_tf = transforms(hp, img_size, timm_name, prefetcher)
     workers = tcfg.get("num_workers", 0)

@@ -385,3 +385,18 @@ def test_a_partial_labels_file_is_named_instead_of_shrinking_validation(fake: Fa
     cfg["imagenet"] = {**cfg["imagenet"], "val_labels": str(partial)}
     with pytest.raises(LcnnError, match=r"2 ImageNet validation images in .* have no label in .*partial.csv"):
         data.run(cfg)
+
+
+def test_images_prepared_smaller_than_evaluation_resizes_to_are_named(fake: FakeImageNet, tmp_path: Path) -> None:
+    """Evaluation resizes to img_size / crop_pct (256 px for 224 at 0.875): a subset prepared at 64 px would be
+    upsampled for every validation image, and top-1 would drop without a word."""
+    from lcnn import recipe
+
+    root = tmp_path / "small"
+    data.run(fake.data_cfg(root, per_class=2, val_per_class=1, short_side=64, on_corrupt="skip"))
+    why = recipe.short_side_too_low(str(root), 224, 0.875)
+    assert why == (
+        "data.short_side 64 is below the 256 px that evaluation resizes to at img_size 224 (crop 0.875): validation "
+        "images are upsampled; prepare the subset with short_side >= 256"
+    )
+    assert recipe.short_side_too_low(str(root), 56, 0.875) is None  # 64 px covers 56 / 0.875
