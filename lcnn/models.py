@@ -52,7 +52,7 @@ def create(
     if init == "pretrained":
         model = _create_pretrained(timm_name, pretrained_tag, pretrained_file, kwargs)
     else:  # the tag's config (no weights) rides on the model: model.pretrained_cfg gives its normalisation and crop
-        name = f"{timm_name}.{_checked_tag(timm_name, pretrained_tag)}" if pretrained_tag else timm_name
+        name = f"{timm_name}.{checked_tag(timm_name, pretrained_tag)}" if pretrained_tag else timm_name
         model = timm.create_model(name, pretrained=False, **kwargs)
     windows = _scaled_windows(model, img_size)
     if windows and init != "pretrained":
@@ -82,7 +82,8 @@ def _init_arg(model: nn.Module, name: str):
     return param.default if param is not None and param.default is not inspect.Parameter.empty else None
 
 
-def _checked_tag(timm_name: str, tag: str) -> str:
+def checked_tag(timm_name: str, tag: str) -> str:
+    """``tag`` if timm has pretrained weights ``timm_name.tag`` (a one-line error naming the tags it has if not)."""
     known = timm.list_pretrained(f"{timm_name}.*")
     if f"{timm_name}.{tag}" not in known:
         tags = ", ".join(t.split(".", 1)[1] for t in known)
@@ -94,7 +95,7 @@ def _create_pretrained(
     timm_name: str, tag: str | None, pretrained_file: str | None, kwargs: dict[str, Any]
 ) -> nn.Module:
     """Load ImageNet weights from a local file or the local Hugging Face cache, never from the network."""
-    name = f"{timm_name}.{_checked_tag(timm_name, tag)}" if tag else timm_name
+    name = f"{timm_name}.{checked_tag(timm_name, tag)}" if tag else timm_name
     if pretrained_file:
         if not Path(pretrained_file).is_file():
             raise LcnnError(

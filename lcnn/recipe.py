@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from lcnn.config import SCHEDULE_KEYS, prepared_definition
 from lcnn.dataset import ManifestDataset, stage
 from lcnn.launch import STOP_SIGNALS
+from lcnn.models import checked_tag
 from lcnn.utils import LcnnError, kill_children
 
 
@@ -141,8 +142,11 @@ def normalization(timm_name: str) -> dict[str, Any]:
     """The model's own input normalisation (mean, std, crop_pct) from its pretrained config, without building it."""
     import timm
 
-    if not timm.is_model(timm_name):  # the first place a run touches its model: fail here, in one line
-        raise LcnnError(f"unknown timm model '{timm_name}'; use a name from timm.list_models()")
+    arch, _, tag = timm_name.partition(".")
+    if not timm.is_model(arch):  # the first place a run touches its model: fail here, in one line
+        raise LcnnError(f"unknown timm model '{arch}'; use a name from timm.list_models()")
+    if tag:
+        checked_tag(arch, tag)
     pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
     data_cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
     return {"mean": data_cfg["mean"], "std": data_cfg["std"], "crop_pct": data_cfg.get("crop_pct", 0.875)}
