@@ -342,8 +342,9 @@ def test_timm_name_check_is_cached_per_names_and_never_hides_a_typo(tmp_path: Pa
     study.check_models(cfg, cache_dir=tmp_path)
     stamps = list(tmp_path.glob("timm_models_ok_*"))
     assert len(stamps) == 1
-    names = sorted(cfg["models"][m]["timm"] for m in study.selected_models(cfg))
-    assert json.loads(stamps[0].read_text())["models"] == names == ["mobilenetv3_large_100", "mobilevitv2_050"]
+    # each architecture, and each with its pretrained tag (whose normalisation and crop its runs use)
+    names = ["mobilenetv3_large_100", "mobilenetv3_large_100.ra_in1k", "mobilevitv2_050", "mobilevitv2_050.cvnets_in1k"]
+    assert json.loads(stamps[0].read_text())["models"] == names
     cfg["models"]["mobilenetv3_l"]["timm"] = "mobilenetv3_larg_100"
     with pytest.raises(LcnnError, match=r"models.mobilenetv3_l.timm = 'mobilenetv3_larg_100' is not a timm model"):
         study.check_models(cfg, cache_dir=tmp_path)
