@@ -167,6 +167,12 @@ def stage(root: str | os.PathLike, stage_to: str | None) -> Path:
             print(f"lcnn.dataset: {copy} is incomplete or differs from {root}; copying it again", file=sys.stderr)
             shutil.rmtree(copy)
         sizes = _source_sizes(root)
+        needed, free = sum(sizes.values()), shutil.disk_usage(base).free
+        if needed > free:  # before copying anything: a full node-local disk would fail the job halfway, in a traceback
+            raise LcnnError(
+                f"data.stage_to={stage_to}: {base} has {free / 1e9:.2f} GB free but the subset needs "
+                f"{needed / 1e9:.2f} GB; point data.stage_to at a larger node-local folder, or set it to null"
+            )
         print(f"lcnn.dataset: staging {len(sizes)} files from {root} to {copy}", file=sys.stderr, flush=True)
         _copy_all(root, copy, sizes)
         stamp = {"digest": digest, "files": len(sizes), "source": str(root.resolve()), "sizes": sizes}

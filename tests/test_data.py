@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -320,6 +321,12 @@ def test_staging_copies_verifies_reuses_and_redoes(
     assert data.stage(root, "$LCNN_TEST_LOCAL/lcnn").parent == tmp_path / "env" / "lcnn"
     with pytest.raises(LcnnError, match=r"data.stage_to=\$LCNN_UNSET_VARIABLE names an unset environment variable"):
         data.stage(root, "$LCNN_UNSET_VARIABLE")
+    # a node-local folder too small for the subset: one line before anything is copied
+    monkeypatch.setattr(dataset.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=1000))
+    small = tmp_path / "small"
+    with pytest.raises(LcnnError, match=r"small has 0.00 GB free but the subset needs .* GB; point data.stage_to at"):
+        data.stage(root, str(small))
+    assert not any(p.is_file() for p in small.rglob("*") if p.name != ".lcnn_stage.lock")
 
 
 # --------------------------------------------------------------------------------------------- workflow and trainer
