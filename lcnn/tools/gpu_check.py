@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pandas as pd
 import yaml
@@ -629,7 +630,7 @@ def check_compile(ctx: dict[str, Any]) -> dict[str, Any]:
     kw = {k: ctx[k] for k in ("batch_size", "img_size", "steps", "warmup") if k in ctx}
     # a cold cache, as on a fresh node: inductor's default one (/tmp/torchinductor_$USER) outlives a run
     cache = {"TORCHINDUCTOR_CACHE_DIR": str(ctx["work"] / "inductor"), "TRITON_CACHE_DIR": str(ctx["work"] / "triton")}
-    with _environ(cache):
+    with mock.patch.dict(os.environ, cache):
         row = train_throughput(ctx.get("compile_model", COMPILE_MODEL), device=ctx["device"], compiled=True, **kw)
     _free(ctx["device"])
     reason = (
@@ -639,20 +640,6 @@ def check_compile(ctx: dict[str, Any]) -> dict[str, Any]:
     if row["graphs"] != 1:  # the timed steps recompiled: what was timed is not one compiled graph
         return {"status": "failed", "reason": f"{reason}; {row['graphs']} graphs for one training step", "rows": [row]}
     return {"status": "ok", "reason": reason, "rows": [row]}
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # -------------------------------------------------------------------------------------------------- benchmark

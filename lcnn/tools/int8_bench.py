@@ -76,14 +76,13 @@ def trained_weights(cfg: dict[str, Any], model: str, reuse_any: bool = False) ->
     this recipe exists (with ``reuse_any``: any finished run under the workdir, whatever recipe it recorded)."""
     from lcnn import train
 
-    run_cfg = study.run_config(cfg, model, "baseline", cfg["seeds"][0])
+    recipe = study.run_recipe(cfg, model, "baseline", cfg["seeds"][0])
+    run_cfg = study.merge_run(recipe, study.run_execution(cfg))
     out = Path(cfg["data"]["root"]) / "runs" / model
     metrics_path, config_path = out / "metrics.json", out / "config.json"
     if metrics_path.is_file() and config_path.is_file():
         saved = read_json(config_path)
-        same = all(saved.get(k) == run_cfg[k] for k in ("hparams", "timm_name", "pretrained_tag")) and all(
-            saved.get("train", {}).get(k) == run_cfg["train"][k] for k in study.RECIPE_TRAIN_KEYS
-        )
+        same = not study.recipe_changes(saved, recipe)
         if same or reuse_any:
             print(f"[int8] {model}: reusing {out} ({'same' if same else 'its own recorded'} recipe)", file=sys.stderr)
             recorded = {"recipe": saved.get("hparams"), "pretrained_tag": saved.get("pretrained_tag")}
