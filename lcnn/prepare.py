@@ -156,6 +156,12 @@ def check_paths(data_cfg: dict[str, Any]) -> None:
                 f"data.imagenet.val_labels={labels} does not exist; set it to LOC_val_solution.csv (or null when "
                 "val_dir has class folders)"
             )
+        # a labels file over a class-folder tree would find no image at val_dir's top and fail later, per class
+        if not _list_images(val_dir) and any(e.is_dir() and WNID_RE.fullmatch(e.name) for e in os.scandir(val_dir)):
+            raise LcnnError(
+                f"data.imagenet.val_dir={val_dir} has class folders, not flat images; set data.imagenet.val_labels "
+                "to null"
+            )
     else:
         if not any(e.is_dir() and WNID_RE.fullmatch(e.name) for e in os.scandir(val_dir)):
             raise LcnnError(

@@ -146,6 +146,12 @@ def test_path_errors_name_the_key_and_fix(fake: FakeImageNet, clean: FakeImageNe
         bad = {**cfg, "imagenet": {**cfg["imagenet"], **change}}
         with pytest.raises(LcnnError, match=message):
             data.check_paths(bad)
+    folders = clean.data_cfg(tmp_path / "out2")
+    folders["imagenet"] = {**folders["imagenet"], "val_labels": str(fake.val_labels)}
+    with pytest.raises(
+        LcnnError, match=r"val_dir=.* has class folders, not flat images; set data.imagenet.val_labels to null"
+    ):
+        data.check_paths(folders)
     with pytest.raises(LcnnError, match=r"lacks folders for 1 of 4 classes \(e.g. n01440764\)"):
         data.check_paths({**cfg, "classes": [*fake.classes, "n01440764"]})
     with pytest.raises(LcnnError, match=r"not ImageNet-1K wnids"):
