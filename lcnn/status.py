@@ -171,7 +171,10 @@ def run_status(row: dict[str, Any], workdir: Path, job: dict[str, str] | None, s
         out.update(epoch_done=m.get("epochs_completed"), device_hours=m.get("device_hours") or 0.0)
         if m.get("status") == "diverged":
             at = m.get("diverged_at") or {}
-            out.update(status="diverged", detail=f"loss not finite at epoch {at.get('epoch')} step {at.get('step')}")
+            out.update(
+                status="diverged",
+                detail=at.get("reason") or f"loss not finite at epoch {at.get('epoch')} step {at.get('step')}",
+            )
         else:
             out.update(status="done", top1=m.get("top1"))
         return out

@@ -156,17 +156,10 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
     diverged = None
     with _StopSignal() as stop:
         while job.progress.epoch < job.stop_at:
-            diverged = train_epoch(job, stop)
+            diverged = train_epoch(job, stop) or end_epoch(job)
             if diverged is not None:
-                where = f"at epoch {diverged['epoch']} step {diverged['step']}"
-                why = (
-                    f"the fp16 loss scale fell to {diverged['loss_scale']:.3g} {where}: every step overflows"
-                    if "loss_scale" in diverged
-                    else f"loss is not finite {where}"
-                )
-                job.accelerator.print(f"[{job.tag}] {why}: diverged")
+                job.accelerator.print(f"[{job.tag}] {diverged['reason']}: diverged")
                 break
-            end_epoch(job)
             if job.progress.epoch < job.stop_at and _stop_requested(job, stop):
                 _exit_preempted(job, stop)  # signalled during validation: its state is saved, start no epoch
     result = finish(job, diverged)
@@ -491,8 +484,11 @@ def train_epoch(job: Job, stop: _StopSignal) -> dict[str, Any] | None:
         if bad or scale < MIN_LOSS_SCALE:
             prog.train_seconds += time.perf_counter() - t0
             if bad:
-                return {"epoch": epoch + 1, "step": min(bad)}
-            return {"epoch": epoch + 1, "step": prog.step, "loss_scale": scale}
+                at = {"epoch": epoch + 1, "step": min(bad)}
+                return at | {"reason": f"loss is not finite at epoch {at['epoch']} step {at['step']}"}
+            at = {"epoch": epoch + 1, "step": prog.step, "loss_scale": scale}
+            why = f"the fp16 loss scale fell to {scale:.3g} at epoch {epoch + 1} step {prog.step}: every step overflows"
+            return at | {"reason": why}
         running = totals["loss_sum"] / totals["n_loss"] if totals["n_loss"] else math.nan
         lr = job.optimizer.param_groups[0]["lr"]
         acc.log({"train/loss": running, "train/lr": lr}, step=epoch * job.steps + prog.step)
@@ -564,8 +560,15 @@ def save_state(job: Job) -> None:
     checkpoint.save(job.accelerator, job.out, meta)
 
 
-def end_epoch(job: Job) -> None:
-    """Validate, add the epoch's history row, step the schedule and save the state for a resume."""
+def end_epoch(job: Job) -> dict[str, Any] | None:
+    """Validate, add the epoch's history row, step the schedule and save the state for a resume; return the
+    divergence when the validation loss is not finite, else None.
+
+    A non-finite validation loss with a finite training loss is what an fp16 forward that overflowed into a
+    BatchNorm leaves: the GradScaler skips that step, but the layer's running statistics took the batch's inf/NaN
+    and never recover (training normalises by the batch and goes on as if nothing happened), so every later
+    validation and the saved weights would be at chance under status "ok". Precise BN re-estimates them first.
+    """
     prog = job.progress
     epoch, totals = prog.epoch, prog.epoch_acc
     t0 = time.perf_counter()
@@ -610,8 +613,16 @@ def end_epoch(job: Job) -> None:
             else ""
         )
     )
+    if not math.isfinite(row["val_loss"]):  # every rank read the same gathered loss: all stop together
+        return {
+            "epoch": epoch + 1,
+            "step": job.steps,
+            "reason": f"validation loss is not finite after epoch {epoch + 1} (in fp16 an overflowed forward leaves "
+            "BatchNorm's running statistics non-finite for good; use bf16, or set train.precise_bn_batches)",
+        }
     if prog.epoch < job.epochs:
         save_state(job)
+    return None
 
 
 def precise_bn(job: Job) -> None:

@@ -509,7 +509,40 @@ def test_divergent_variant_stops_early_and_says_so(built_data, tmp_path):
     metrics = train.run(rc)
     assert metrics["status"] == "diverged"
     assert metrics["diverged_at"]["epoch"] == 1 and metrics["diverged_at"]["step"] >= 1
+    assert metrics["diverged_at"]["reason"].startswith("loss is not finite at epoch 1 step")
     assert metrics["top1"] is None  # never reported as a zero-accuracy run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precise_bn_batches", [0, 2])
+def test_batchnorm_statistics_an_overflow_left_non_finite_end_the_run_unless_precise_bn_renews_them(
+    built_data, tmp_path, monkeypatch, precise_bn_batches
+):
+    """What an fp16 forward that overflows into a BatchNorm leaves: the GradScaler skips the step, the layer's
+    running statistics keep the inf/NaN, and training (normalised by the batch) goes on. Here a real forward of an
+    inf batch in train mode after the first epoch's steps. Without precise BN the validation loss is non-finite:
+    the run is diverged at that epoch with its reason, never "ok" at chance. Precise BN renews the statistics
+    before validating: the run is ok."""
+    real = train.train_epoch
+
+    def overflow_once(job, stop):
+        diverged = real(job, stop)
+        if job.progress.epoch == 0:
+            with torch.no_grad():
+                job.accelerator.unwrap_model(job.model)(torch.full((2, 3, job.img_size, job.img_size), math.inf))
+        return diverged
+
+    monkeypatch.setattr(train, "train_epoch", overflow_once)
+    rc = run_cfg(built_data, tmp_path, log_with=[], max_steps_per_epoch=2, precise_bn_batches=precise_bn_batches)
+    metrics = train.run(rc)
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    if precise_bn_batches:
+        assert metrics["status"] == "ok" and len(history) == 3
+        return
+    assert metrics["status"] == "diverged" and metrics["top1"] is None and len(history) == 2
+    assert metrics["diverged_at"]["epoch"] == 1
+    assert "validation loss is not finite after epoch 1" in metrics["diverged_at"]["reason"]
+    assert "train.precise_bn_batches" in metrics["diverged_at"]["reason"]
 
 
 def test_a_slow_loader_shows_as_loader_wait_in_the_log_history_and_metrics(built_data, tmp_path, monkeypatch, capfd):
