@@ -5,8 +5,9 @@ One home for how anything is timed, so every engine's row means the same thing:
 * :func:`measure` warms up, then times each iteration on its own (CUDA events and a synchronization on the GPU),
   so :func:`latency_stats` reports real per-batch latencies, not ``1000 / throughput``. Both loops stop at their
   count or the time budget, whichever comes first (at least MIN_WARMUP / MIN_ITERS iterations).
-* :class:`MemProbe` is the peak memory of one configuration: ``torch.cuda.max_memory_allocated`` on the GPU; on
-  the CPU the peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) minus a baseline.
+* :class:`MemProbe` is the peak memory of one configuration's timed calls (reset after its warm-up):
+  ``torch.cuda.max_memory_allocated`` on the GPU; on the CPU the peak resident set size (Linux ``VmHWM``, reset
+  through ``/proc/self/clear_refs``) minus a baseline.
 * :func:`make_input` is a seeded random batch, so every form and engine sees the same input; :func:`val_batches`
   are real validation images (timm's eval transform) for the accuracy and agreement checks.
 * :func:`make_row` gives every result row the same keys (ROW_KEYS), ``None`` where a key does not apply.
@@ -121,12 +122,13 @@ class MemProbe:
 
 def measure(
     step: Callable[[], Any], *, warmup: int, iters: int, budget_s: float | None, cuda: bool = False,
-    compiled: bool = False,
+    compiled: bool = False, on_warm: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Warm up, then time ``step()`` per iteration; return the latency distribution (ms/batch) and wall time.
 
     On CUDA (cuDNN's autotuning with ``cudnn.benchmark``, lazy kernel loading) and for a compiled module (a new
     batch size compiles a new graph) the first call does one-off work, so at least one warm-up call always runs.
+    ``on_warm`` is called once the warm-up has finished, before the first timed call (a memory probe's reset).
     """
     if cuda or compiled:
         warmup = max(warmup, 1)
@@ -137,6 +139,8 @@ def measure(
             break
     if cuda:
         torch.cuda.synchronize()
+    if on_warm is not None:
+        on_warm()
     min_iters = min(MIN_ITERS, iters)
     latencies: list[float] = []
     start = time.perf_counter()
@@ -250,9 +254,13 @@ def time_torch(
     module: Callable, *, device, precision, channels_last, batch, img_size, settings, probe: MemProbe,
     compiled: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Time one torch configuration under inference_mode (and autocast) and return its statistics."""
+    """Time one torch configuration under inference_mode (and autocast) and return its statistics.
+
+    The peak memory is that of the timed calls: the probe is reset after the warm-up, whose first call holds
+    one-off memory (cuDNN's autotuning tries each algorithm's workspace, a compiled graph its autotuning) that
+    would otherwise be every GPU row's peak, most of all at small batches.
+    """
     x = make_input(batch, img_size, device, channels_last)
-    probe.reset()
     with torch.inference_mode(), autocast(precision, device):
         timing = measure(
             lambda: module(x),
@@ -261,6 +269,7 @@ def time_torch(
             budget_s=settings["time_budget_s"],
             cuda=device.type == "cuda",
             compiled=compiled,
+            on_warm=probe.reset,
         )
     return {**latency_stats(timing["latencies_ms"], timing["total_s"], batch), "peak_mem_mb": probe.peak_mb()}
 

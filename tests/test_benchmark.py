@@ -508,6 +508,33 @@ def test_a_sticky_cuda_error_while_compiling_fails_the_job(tmp_path, monkeypatch
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def one_off_first_call(mib: int):
+    """A module whose first call holds ``mib`` MiB for a moment, as cuDNN's autotuning does with its workspaces."""
+    calls = []
+
+    def module(x):
+        if not calls:
+            torch.ones(mib * 2**18, device=x.device).sum()  # float32: 4 bytes each, written so the pages are touched
+        calls.append(1)
+        return x * 2
+
+    return module
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_peak_memory_is_that_of_the_timed_calls_not_the_warm_ups_one_off_work(device):
+    device = torch.device(device)
+    probe = timing.MemProbe(device)
+    probe.reset()
+    if not probe.can_reset:
+        pytest.skip("this kernel cannot reset VmHWM")
+    row = timing.time_torch(
+        one_off_first_call(256), device=device, precision="fp32", channels_last=False, batch=1, img_size=8,
+        settings={"warmup": 1, "iters": 5, "time_budget_s": None}, probe=probe,
+    )  # fmt: skip
+    assert row["iters"] == 5 and row["peak_mem_mb"] is not None and row["peak_mem_mb"] < 64, row
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_peak_memory_on_the_gpu_counts_only_the_configuration_timed():
