@@ -101,6 +101,15 @@ def _compiled(model: nn.Module, n_shapes: int) -> Callable:
     return torch.compile(model, dynamic=False)
 
 
+class DeviceLost(Exception):
+    """A sticky CUDA error: every later CUDA call of the process fails (freeing memory, moving a model), so the
+    sweep ends at once, carrying the rows measured so far up to :func:`benchmark_model`."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        super().__init__(rows[-1]["error"])
+        self.rows = rows
+
+
 def sweep_form(
     form: str, model: nn.Module, settings: dict, device: torch.device, img_size: int, probe: MemProbe,
     skip: tuple[str, str] | None = None, compile_model: bool = False, reference: Reference | None = None,
@@ -121,10 +130,13 @@ def sweep_form(
                 if compile_model:
                     module = _compiled(model, len(settings["batch_sizes"]))
                 agreement, status, why = check_config(module, precision, cl, device, reference, compile_model)
-            rows += _sweep_batches(
-                form, module, precision, cl, settings, device, img_size, probe, agreement, status, why,
-                compiled=compile_model,
-            )  # fmt: skip
+            try:
+                rows += _sweep_batches(
+                    form, module, precision, cl, settings, device, img_size, probe, agreement, status, why,
+                    compiled=compile_model,
+                )  # fmt: skip
+            except DeviceLost as lost:
+                raise DeviceLost(rows + lost.rows) from None
     model.to(memory_format=torch.contiguous_format)
     return rows
 
@@ -155,10 +167,15 @@ def _sweep_batches(
             except Exception as err:  # one configuration's failure must not lose the others
                 failure = ("oom" if timing.is_oom(err) else "error", error_text(err))
             if failure:  # outside the except block, so the traceback's tensors can be freed
+                rows.append(make_row(**base, status=failure[0], error=failure[1]))
+                if _sticky_cuda_error(rows[-1]):
+                    log(progress_line(rows[-1]), settings["quiet"])
+                    break
                 timing.free_memory(device)
                 oom_at = batch if failure[0] == "oom" else None
-                rows.append(make_row(**base, status=failure[0], error=failure[1]))
         log(progress_line(rows[-1]), settings["quiet"])
+    if rows and _sticky_cuda_error(rows[-1]):  # also a compiled configuration whose check failed so ("skipped")
+        raise DeviceLost(rows)
     return rows
 
 
@@ -196,8 +213,12 @@ def _parked(model: nn.Module, device: torch.device, active: bool):
     timing.free_memory(device)
     try:
         yield
-    finally:
+    except DeviceLost:
+        raise  # the GPU takes no more calls: the model stays where it is
+    except BaseException:
         model.to(device)
+        raise
+    model.to(device)
 
 
 def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: float | None = None) -> dict[str, Any]:
@@ -208,6 +229,7 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     probe = MemProbe(device, rss_baseline_mb)
+    env = environment()  # first: after a sticky CUDA error (DeviceLost) no CUDA call may be made
     load_start, cpu_start = timing.load_avg(), timing.host_cpu_times()
     model = model.eval().to(device)
     forms: dict[str, dict[str, Any]] = {"trained": {"params": count_params(model)}}
@@ -218,8 +240,39 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
     reference = Reference.for_model(model, settings, img_size, device) if needs_reference else None
     checks["fp32_agreement_inputs"] = reference.source if reference else None
     settings["val_manifest_error"] = reference.fallback if reference else None  # set: the check fell back to noise
-    rows = sweep_form("trained", model, settings, device, img_size, probe, reference=reference)
+    rows: list[dict[str, Any]] = []
+    try:
+        _sweep_forms(rows, model, settings, device, img_size, probe, reference, forms, checks)
+    except DeviceLost as lost:  # the rows so far; run() writes them and fails the job in one line
+        rows += lost.rows
+    other_share = timing.other_cpu_share(cpu_start, timing.host_cpu_times())
+    if other_share is not None and other_share > 0.05:
+        log(f"[bench] warning: other processes used {other_share:.0%} of this host's CPU time during the benchmark; "
+            "CPU timings are unreliable, rerun on an idle host")  # fmt: skip
+    return {
+        "model": cfg.get("model_name") or cfg.get("timm_name") or type(model).__name__,
+        "timm_name": cfg.get("timm_name"),
+        "img_size": img_size,
+        "num_classes": cfg.get("num_classes"),
+        "weights": str(cfg["weights"]) if cfg.get("weights") else None,
+        "device": device.type,
+        "env": env,
+        "params": forms["trained"]["params"],
+        "gmacs": forms["trained"]["flops"] / 2e9 if forms["trained"]["flops"] is not None else None,
+        "flops": forms["trained"]["flops"],
+        "forms": forms,
+        "rows": rows,
+        "checks": checks,
+        "settings": {**settings, **_backend_flags(device)},
+        "host_load_avg_1m": {"start": load_start, "end": timing.load_avg()},
+        "host_other_cpu_share": other_share,  # other work on the host skews CPU timings; ~0 means a clean run
+    }
 
+
+def _sweep_forms(rows: list, model, settings, device, img_size, probe, reference, forms, checks) -> None:
+    """Add every form's rows to ``rows`` as each form ends (trained, reparameterized, compiled, ONNX Runtime), and
+    fill in ``forms`` and ``checks``; a :class:`DeviceLost` carries the rows of the form it ended."""
+    rows += sweep_form("trained", model, settings, device, img_size, probe, reference=reference)
     deploy, deploy_form = model, "trained"
     fused, skip = _reparam_form(model, settings, img_size, device, forms, checks)
     if fused is not None and skip is None:
@@ -245,29 +298,6 @@ def benchmark_model(model: nn.Module, cfg: dict[str, Any], rss_baseline_mb: floa
             )
             rows += onnx_rows
             checks.update(onnx_checks)
-
-    other_share = timing.other_cpu_share(cpu_start, timing.host_cpu_times())
-    if other_share is not None and other_share > 0.05:
-        log(f"[bench] warning: other processes used {other_share:.0%} of this host's CPU time during the benchmark; "
-            "CPU timings are unreliable, rerun on an idle host")  # fmt: skip
-    return {
-        "model": cfg.get("model_name") or cfg.get("timm_name") or type(model).__name__,
-        "timm_name": cfg.get("timm_name"),
-        "img_size": img_size,
-        "num_classes": cfg.get("num_classes"),
-        "weights": str(cfg["weights"]) if cfg.get("weights") else None,
-        "device": device.type,
-        "env": environment(),
-        "params": forms["trained"]["params"],
-        "gmacs": forms["trained"]["flops"] / 2e9 if forms["trained"]["flops"] is not None else None,
-        "flops": forms["trained"]["flops"],
-        "forms": forms,
-        "rows": rows,
-        "checks": checks,
-        "settings": {**settings, **_backend_flags(device)},
-        "host_load_avg_1m": {"start": load_start, "end": timing.load_avg()},
-        "host_other_cpu_share": other_share,  # other work on the host skews CPU timings; ~0 means a clean run
-    }
 
 
 def _backend_flags(device: torch.device) -> dict[str, Any]:

@@ -125,22 +125,41 @@ def test_error_in_one_configuration_keeps_the_others():
 
 
 def test_a_poisoned_cuda_context_fails_the_job_in_one_line(tmp_path, monkeypatch):
-    """After an illegal memory access every CUDA call fails: a job that exited 0 would leave only error rows in
-    the report. The JSON is still written, and the job fails, naming the error and what to check."""
+    """After an illegal memory access every CUDA call of the process fails, freeing memory and moving a model
+    included (here every forward, timing.free_memory and Module.to fail once it happened): the sweep ends there,
+    the JSON keeps the rows measured so far, and the job fails in one line, naming the error and what to check (a
+    job that exited 0 would leave error rows in the report; a traceback from the cleanup would hide the cause)."""
+    illegal, lost = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...", []
+    free_memory, to = timing.free_memory, nn.Module.to
 
     def illegal_access(x):
-        if x.shape[0] == 2:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+        if lost or x.shape[0] == 2:
+            lost.append(x.shape[0])
+            raise RuntimeError(illegal)
 
+    def unless_lost(call):
+        def wrapped(*args, **kwargs):
+            if lost:
+                raise RuntimeError(illegal)
+            return call(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(timing, "free_memory", unless_lost(free_memory))
+    monkeypatch.setattr(nn.Module, "to", unless_lost(to))
     monkeypatch.setattr(models, "create", lambda *a, **k: Tiny(fail=illegal_access))
     out = tmp_path / "tiny.json"
-    cfg = {"timm_name": "tiny", "img_size": 16, "out": str(out), "benchmark": settings(batch_sizes=[1, 2, 4])}
+    bench = settings(batch_sizes=[1, 2, 4], channels_last=[False, True])
+    cfg = {"timm_name": "tiny", "img_size": 16, "out": str(out), "benchmark": bench}
     says = "GPU failed with 'RuntimeError: CUDA error: an illegal memory access.*dmesg"
     with pytest.raises(benchmark.LcnnError, match=says):
         benchmark.run(cfg)
-    assert {r["batch_size"]: r["status"] for r in json.loads(out.read_text())["rows"]} == {1: "ok", 2: "error", 4: "ok"}
+    rows = [(r["channels_last"], r["batch_size"], r["status"]) for r in json.loads(out.read_text())["rows"]]
+    assert rows == [(False, 1, "ok"), (False, 2, "error")] and lost == [2]
     monkeypatch.setattr(models, "create", lambda *a, **k: Tiny(fail=lambda x: x.shape[0] == 2 and 1 / 0))
-    assert benchmark.run(cfg)["rows"][1]["status"] == "error"  # an ordinary error stays a row of a finished job
+    lost.clear()
+    statuses = [r["status"] for r in benchmark.run(cfg)["rows"]]
+    assert statuses == ["ok", "error", "ok"] * 2  # an ordinary error stays a row of a finished job
 
 
 def test_fp16_on_cpu_is_unsupported_not_timed_and_bf16_records_its_agreement():
