@@ -233,3 +233,29 @@ def test_package_never_imports_snakemake():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+GPU_JOBS = """
+rule all:
+    input: expand("gpu{i}.txt", i=range(3)), "cpu.txt"
+
+rule gpu:
+    output: "gpu{i}.txt"
+    resources: gpu=1
+    shell: "python -c 'import time; t = time.time(); time.sleep(1); print(t, time.time())' > {output}"
+
+rule cpu:
+    output: "cpu.txt"
+    shell: "python -c 'import time; t = time.time(); time.sleep(1); print(t, time.time())' > {output}"
+"""
+
+
+def test_the_local_profile_runs_one_gpu_job_at_a_time_and_cpu_jobs_beside_it(tmp_path):
+    """Locally every job uses the first visible GPU: two at once would share it, and a benchmark would time the
+    other job's kernels. Snakemake's own scheduler, under profiles/local, on rules that ask for a GPU as lcnn's do."""
+    (tmp_path / "Snakefile").write_text(GPU_JOBS)
+    snakemake(tmp_path, "--profile", str(REPO / "profiles" / "local"), "--cores", "4", "--quiet")
+    spans = {p.stem: tuple(map(float, p.read_text().split())) for p in tmp_path.glob("*.txt")}
+    gpu = sorted(v for k, v in spans.items() if k.startswith("gpu"))
+    assert len(gpu) == 3 and all(a[1] <= b[0] for a, b in zip(gpu, gpu[1:])), spans
+    assert any(start < spans["cpu"][1] and spans["cpu"][0] < end for start, end in gpu), spans
