@@ -20,7 +20,7 @@ LATENCY_FIELDS = ("form", "engine", "device", "precision", "channels_last", "bat
 LATENCY_FIELDS += ("latency_ms_p50", "latency_ms_p99", "throughput_ips")
 RUN_FIELDS = ("seed", "status", "top1", "top5", "best_top1", "best_epoch", "epochs", "epochs_completed")
 RUN_FIELDS += ("train_seconds", "device", "device_type", "num_devices", "device_hours", "params", "diverged_at")
-RUN_FIELDS += ("data_wait_fraction", "img_size")
+RUN_FIELDS += ("data_wait_fraction", "img_size", "num_classes")
 DEVICE_CLASS = {"cuda": "GPU", "cpu": "CPU", "mps": "MPS"}  # torch device type -> the class a claim names
 BENCH_MODEL_COLUMNS = [
     *("model", "timm_name", "params", "gmacs", "img_size", "device", "device_class", "excluded_forms"),

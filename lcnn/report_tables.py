@@ -94,19 +94,34 @@ def gains_table(
                 | {"baseline_top1": mean_ci(base)["mean"], "top1_mean": mean_ci(ok["top1"])["mean"]}
                 | {"gain": g["gain"], "gain_ci_lo": g["ci_lo"], "gain_ci_hi": g["ci_hi"], "welch_df": g["df"]}
                 | {"significant": yn(g["significant"]), "significant_corrected": yn(gc["significant"])}
+                | {"gain_ci_lo_corrected": gc["ci_lo"], "gain_ci_hi_corrected": gc["ci_hi"]}
                 | {"n_compared": max(len(variants), (searched or {}).get(model, 0)), "note": note}
             )
     cols = ["model", "variant", "axis", "n", "n_runs", "n_baseline", "n_baseline_runs", "n_diverged"]
     cols += ["baseline_top1", "top1_mean"]
     cols += ["gain"]
-    cols += ["gain_ci_lo", "gain_ci_hi", "welch_df", "significant", "significant_corrected", "n_compared", "note"]
+    cols += ["gain_ci_lo", "gain_ci_hi", "welch_df", "significant", "significant_corrected"]
+    cols += ["gain_ci_lo_corrected", "gain_ci_hi_corrected", "n_compared", "note"]
     return pd.DataFrame(rows, columns=cols)
 
 
 def _lost_seeds(row: Any) -> str:
     """E.g. "adamw (1/3 seeds diverged; +3.50 on the rest)": a variant left out of the ranking, and why."""
     lost = f"{int(row['n_runs'] - row['n'])}/{int(row['n_runs'])} seeds diverged"
-    return f"{row['variant']} ({lost}; {row['gain']:+.2f} on the rest)"
+    return f"{row['variant']} ({lost}" + (f"; {row['gain']:+.2f} on the rest)" if pd.notna(row["gain"]) else ")")
+
+
+def best_gain_interval(ranked: pd.DataFrame) -> tuple[float, float]:
+    """Where the best true gain among ``ranked`` variants lies, from their Bonferroni-corrected intervals.
+
+    The corrected intervals hold every variant's true gain at once (at the report's confidence), so the largest
+    true gain is at least the largest lower bound and at most the largest upper bound, whichever variant it is:
+    unlike the winner's own interval, this is not inflated by having picked the winner on the same seeds. A
+    variant without an interval (one seed, no spread) could gain anything: the upper end is then unbounded.
+    """
+    lo, hi = ranked["gain_ci_lo_corrected"], ranked["gain_ci_hi_corrected"]
+    upper = math.inf if hi.isna().any() else float(hi.max())
+    return (float(lo.max()) if lo.notna().any() else math.nan), upper
 
 
 def _best(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -117,20 +132,25 @@ def _best(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     kept every seed, and ``excluded_variants`` names the variants left out of the ranking.
     """
     cols = keys + ["best_variant"] + [c for c in df.columns if c not in ("model", "variant", "note", *keys)]
-    cols += ["excluded_variants"]
+    cols += ["best_gain_lo", "best_gain_hi", "excluded_variants"]
     rows = []
     for key, grp in df.groupby(keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         usable = grp[grp["gain"].notna()]
+        lost_all = grp[(grp["n"] == 0) & (grp["n_runs"] > 0)]  # every seed diverged: no gain, still not ranked
         if usable.empty:
-            rows.append(dict(zip(keys, key, strict=True)) | {"best_variant": "n/a", "excluded_variants": ""})
+            left_out = "; ".join(_lost_seeds(r) for _, r in lost_all.sort_values("variant").iterrows())
+            rows.append(dict(zip(keys, key, strict=True)) | {"best_variant": "n/a", "excluded_variants": left_out})
             continue
         complete = usable["n"] == usable["n_runs"]
         ranked, excluded = (usable[complete], usable[~complete]) if complete.any() else (usable, usable.iloc[:0])
         top = ranked.sort_values(["gain", "variant"], ascending=[False, True]).iloc[0]
-        left_out = "; ".join(_lost_seeds(r) for _, r in excluded.sort_values("variant").iterrows())
+        excluded = pd.concat([excluded, lost_all]).sort_values("variant")
+        left_out = "; ".join(_lost_seeds(r) for _, r in excluded.iterrows())
+        lo, hi = best_gain_interval(ranked)
         rows.append(
-            top.drop(["variant", "note"]).to_dict() | {"best_variant": top["variant"]} | {"excluded_variants": left_out}
+            top.drop(["variant", "note"]).to_dict()
+            | {"best_variant": top["variant"], "best_gain_lo": lo, "best_gain_hi": hi, "excluded_variants": left_out}
         )
     return pd.DataFrame(rows, columns=cols)
 

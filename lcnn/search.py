@@ -286,16 +286,19 @@ def winner_of(results: dict[str, dict[str, Any]]) -> str | None:
 
 
 def interval(runs: list[dict[str, Any]], confidence: float = 0.95) -> tuple[float, float, str]:
-    """Confidence interval of a variant's mean top-1: over seeds (t) with 2+ seeds, else the validation set's
-    binomial (Wilson) interval of the one run, which shows val-sampling noise only (seed noise is unknown)."""
+    """Confidence interval of a variant's mean top-1: over seeds (t) with 2+ seeds that differ, else the validation
+    set's binomial (Wilson) interval of the one run (or of the seeds' common top-1), which shows val-sampling noise
+    only (seed noise is unknown, or unmeasured where every seed gave the same top-1)."""
     ok = [r["top1"] for r in runs if r.get("status") == "ok" and r.get("top1") is not None]
     if len(ok) >= 2:
         st = mean_ci(ok, confidence)
-        return st["ci_lo"], st["ci_hi"], f"seeds (t, n={len(ok)})"
+        if math.isfinite(st["ci_lo"]):
+            return st["ci_lo"], st["ci_hi"], f"seeds (t, n={len(ok)})"
     n = next((r.get("val_images") for r in runs if r.get("val_images")), None)
-    if len(ok) == 1 and n:
+    if ok and n:
         lo, hi = binomial_ci(ok[0], n, confidence)
-        return lo, hi, f"val binomial (1 seed, {n} images)"
+        seeds = "1 seed" if len(ok) == 1 else f"{len(ok)} seeds alike"
+        return lo, hi, f"val binomial ({seeds}, {n} images)"
     return math.nan, math.nan, "n/a"
 
 

@@ -15,7 +15,7 @@ from scipy import stats as sps
 
 PERCENT = (0.0, 100.0)  # where an accuracy in % can lie
 PERCENT_GAIN = (-100.0, 100.0)  # where a difference of two of them can lie
-NOISE_UNMEASURABLE = "unmeasurable: no spread on either side (every seed gave the same top-1)"
+NOISE_UNMEASURABLE = "unmeasurable: no spread on a side (every seed of it gave the same top-1)"
 
 
 def finite(values: Any) -> list[float]:
@@ -41,7 +41,9 @@ def t_quantile(p: float, df: float) -> float:
 def mean_ci(values: Any, confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict[str, float]:
     """Mean, sample std (ddof=1) and the t confidence interval of the mean.
 
-    With one value the std and CI are NaN (one seed says nothing about seed noise); with none, all are NaN.
+    With one value the std and CI are NaN (one seed says nothing about seed noise); with none, all are NaN. With
+    no spread (every value alike, as a small validation set's coarse accuracy steps give) the CI is NaN too: zero
+    spread measures no noise, it does not show there is none.
     ``bounds`` (e.g. ``PERCENT``) clips the interval to where the quantity can lie: the clipped interval still
     holds the true mean whenever the t interval does, so its coverage is unchanged (``ci_half`` stays the t one).
     """
@@ -51,6 +53,8 @@ def mean_ci(values: Any, confidence: float = 0.95, bounds: tuple[float, float] |
     if n < 2:
         return out
     std = float(xs.std(ddof=1))
+    if std == 0:
+        return out | {"std": std}
     half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
     lo, hi = _clip(out["mean"] - half, out["mean"] + half, bounds)
     return out | {"std": std, "ci_lo": lo, "ci_hi": hi, "ci_half": half}
@@ -68,9 +72,10 @@ def welch_gain(
     """Gain ``mean(variant) - mean(baseline)`` with Welch's (unequal-variance) t interval, from SciPy.
 
     ``significant`` is True/False when the CI excludes/includes 0, and None when it cannot be computed: fewer
-    than two finite values on a side, or no spread on either side (every seed of both gave the same top-1, as a
-    small validation set's coarse accuracy steps can). Zero spread measures no noise, it does not show there is
-    none, so that case has no CI either and ``noise`` says why (None when the CI was computed).
+    than two finite values on a side, or no spread on a side (every seed of it gave the same top-1, as a small
+    validation set's coarse accuracy steps can). Zero spread measures no noise, it does not show there is none:
+    Welch's interval would take that side as noise-free and come out too narrow, so that case has no CI either
+    and ``noise`` says why (None when the CI was computed).
     ``bounds`` (e.g. ``PERCENT_GAIN``) clips the interval as in ``mean_ci``; significance is decided before.
     """
     a, b = finite(variant), finite(baseline)
@@ -82,7 +87,7 @@ def welch_gain(
     out["gain"] = float(np.mean(a) - np.mean(b))
     if len(a) < 2 or len(b) < 2:
         return out
-    if np.var(a) == 0 and np.var(b) == 0:
+    if np.var(a) == 0 or np.var(b) == 0:
         return out | {"noise": NOISE_UNMEASURABLE}
     res = sps.ttest_ind(a, b, equal_var=False)
     ci = res.confidence_interval(confidence)

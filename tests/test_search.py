@@ -97,7 +97,9 @@ def test_seed_noise_is_pooled_over_the_rung_so_two_seeds_that_agree_are_not_cert
     sc = seeded(best=[88.0, 87.0], flat=[81.67, 81.67], close=[86.0, 88.7], far=[40.0, 44.0])
     for v in sc:
         sc[v]["val_images"] = 300
-    assert sc["flat"]["top1_ci_lo"] == sc["flat"]["top1_mean"]  # its own two seeds: a zero-width interval
+    # its own two seeds alike: no seed interval (zero width would be certainty), the 500 images' binomial one
+    assert (sc["flat"]["top1_ci_lo"], sc["flat"]["top1_ci_hi"]) == stats.binomial_ci(81.67, 500)
+    assert sc["flat"]["ci_basis"] == "val binomial (2 seeds alike, 500 images)"
     intervals, basis = search.promotion_intervals(sc, list(sc))
     pooled = math.sqrt(sum(sc[v]["top1_sd"] ** 2 for v in sc) / 4)  # equal n: the mean of the variances, df 4
     half = stats.t_quantile(0.975, 4) * pooled / math.sqrt(2)
