@@ -335,6 +335,8 @@ def unused_hparams(hp: dict[str, Any]) -> set[str]:
         unused.add("warmup_lr")
     if str(hp.get("opt")).lower().split("_")[-1] in NO_MOMENTUM_OPTS:
         unused.add("momentum")
+    if hp.get("opt_eps") is None:  # timm's default epsilon of the optimizer: a recipe from before the key reads alike
+        unused.add("opt_eps")
     if hp.get("lr_scale") == "none":  # lr_base applies at every global batch
         unused.add("lr_base_size")
     if hp.get("init") != "pretrained":

@@ -8,6 +8,7 @@ that belong to another architecture).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,11 @@ def reinitialize(model: nn.Module, scheme: str) -> nn.Module:
             continue
         if scheme == "trunc_normal":
             nn.init.trunc_normal_(module.weight, std=0.02)
+        elif scheme == "kaiming" and isinstance(module, nn.Conv2d):
+            # fan-out per group, as timm's own Kaiming init (_init_weight_goog): torch's kaiming_normal_ counts a
+            # depthwise conv's every output channel, which draws its weights sqrt(channels) times too small
+            fan_out = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            nn.init.normal_(module.weight, std=math.sqrt(2.0 / fan_out))
         elif scheme == "kaiming":
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif scheme == "xavier":

@@ -321,6 +321,8 @@ def build_optimizer(
     extra = {"fused": True} if fused and has_fused(hp["opt"]) else {}
     if "momentum" in hp:  # absent for optimizers without momentum (lcnn.config.NO_MOMENTUM_OPTS): timm ignores it
         extra["momentum"] = hp["momentum"]
+    if hp.get("opt_eps") is not None:  # else timm's default: 1e-8 for Adam-type, 1e-10 for RMSpropTF
+        extra["eps"] = hp["opt_eps"]
     optimizer = create_optimizer_v2(model, opt=hp["opt"], lr=lr, weight_decay=hp["weight_decay"], **extra)
     zero_fused_momentum(optimizer)
     return optimizer, lr

@@ -65,7 +65,7 @@ def run(cfg: dict) -> dict:
     models = tab.models_table(acc, best, bench_rows, bench_models, baseline)
     tables = {
         "claims": report_claims.halving_claims(
-            report_claims.claims_table(best, models, bench_rows, runs, rep, conf), summaries, rep
+            report_claims.claims_table(gains, models, bench_rows, runs, rep, conf), summaries, rep
         ),
         "accuracy": acc,
         "gains": gains,

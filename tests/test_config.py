@@ -107,11 +107,13 @@ def test_bad_config_gives_one_line_naming_the_key(mutate, message):
 # train rule's params: an edit to a setting it never reads must leave it unchanged (no rerun), one it reads must not
 RECIPE_EDITS = [
     ("baseline", {"baseline": {"decay_milestones": [10, 20]}}, False),  # step schedule
-    ("multistep", {"baseline": {"decay_milestones": [10, 20]}}, True),
+    ("multistep", {"variants": {"multistep": {"decay_milestones": [10, 20]}}}, True),
     ("cosine", {"baseline": {"decay_epochs": 7}}, False),
     ("baseline", {"baseline": {"decay_epochs": 7}}, True),
     ("cosine", {"baseline": {"decay_rate": 0.5}}, False),  # cosine's cycle decay is timm's, not decay_rate
-    ("poly", {"baseline": {"decay_rate": 0.5}}, True),  # poly's power
+    ("poly", {"variants": {"poly": {"decay_rate": 0.5}}}, True),  # poly's power
+    ("baseline", {"baseline": {"opt_eps": 1.0e-6}}, True),
+    ("baseline", {"baseline": {"opt_eps": None}}, False),  # timm's default: what a recipe without the key meant
     ("baseline", {"baseline": {"min_lr": 0.01}}, False),
     ("cosine", {"baseline": {"min_lr": 0.01}}, True),
     ("baseline", {"baseline": {"warmup_lr": 0.01}}, False),  # no warmup epochs

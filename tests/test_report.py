@@ -215,7 +215,8 @@ def _claim_rows(device_class: str, device: str, img_size: int, p50: float, thr: 
          | {"max_throughput_batch": 256, "max_throughput_config": "trained, fp16"}]
     )  # fmt: skip
     rep = report.report_settings(REPORT_CFG | {"fast_models": ["m"]})
-    claims = report_claims.claims_table(pd.DataFrame(columns=["model"]), models, pd.DataFrame(), pd.DataFrame(), rep)
+    no_gains = pd.DataFrame(columns=["model", "variant", "axis", "gain", "n", "n_runs"])
+    claims = report_claims.claims_table(no_gains, models, pd.DataFrame(), pd.DataFrame(), rep)
     assert list(claims["claim_id"]) == ["b", "c"]
     return claims
 
@@ -486,6 +487,29 @@ def test_holds_needs_the_bonferroni_corrected_test() -> None:
     best, claims = _gain_claims(study)
     assert 1.5 < best.iloc[0]["best_gain_lo"] < best.iloc[0]["best_gain_hi"] < 3.5
     assert claims.iloc[0]["holds"] == "yes" and "judged on where the best true gain lies" in claims.iloc[0]["note"]
+
+
+def test_pretrained_weights_are_not_tuning_and_stay_out_of_the_gain_claim() -> None:
+    """ImageNet-1K weights start a run near the published accuracy: ranked with the tuning variants they win every
+    model by tens of points, and the claim would test them instead of the tuning. They stay in the tables."""
+    from lcnn import report_tables
+
+    runs = _runs(
+        {
+            "m": {
+                "baseline": ("baseline", [40.0, 40.1, 40.2]),
+                "randaugment": ("augmentation", [42.4, 42.5, 42.6]),
+                "pretrained": ("initialization", [76.0, 76.1, 76.2]),
+            }
+        }
+    )
+    gains = report_tables.gains_table(runs)
+    assert report_tables.best_tables(gains)[0].iloc[0]["best_variant"] == "pretrained"
+    rep = report.report_settings({"fast_models": []})
+    claim = report_claims.claims_table(gains, pd.DataFrame(columns=["model"]), pd.DataFrame(), runs, rep)
+    claim = claim[claim["claim_id"] == "a"].iloc[0]
+    assert claim["measured"].startswith("best randaugment (augmentation): 2.40 pts") and claim["holds"] == "yes"
+    assert "not tuning, left out of this claim (report.gain_claim_excludes): pretrained" in claim["note"]
 
 
 def test_zero_spread_on_both_sides_is_noise_unmeasurable_not_significant(study: dict) -> None:

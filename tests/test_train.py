@@ -177,6 +177,64 @@ def test_schedule_axis_changes_the_lr_curve():
     assert multistep[35] == pytest.approx(0.01) and multistep[65] == pytest.approx(0.001)
 
 
+def study_lr_curve(cfg: dict, variant: str, steps_per_epoch: int = 4) -> list[float]:
+    """The lr at every update of config.yaml's ``variant`` over its full epochs, as the trainer builds it."""
+    h = study.run_recipe(cfg, "mobilenetv3_l", variant, 0)["hparams"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = recipe.build_scheduler(optimizer, h, steps_per_epoch=steps_per_epoch)
+    curve = []
+    for step in range(h["epochs"] * steps_per_epoch):
+        scheduler.step_update(step)
+        curve.append(optimizer.param_groups[0]["lr"])
+    return curve
+
+
+def test_every_schedule_variant_of_the_study_anneals_otherwise_than_the_baseline():
+    """21 GPU jobs per variant: a schedule variant whose lr curve is the baseline's measures only seed noise (a
+    multistep at the step schedule's 30/60/90 did), and one that never anneals measures "no annealing" under its
+    name (timm's poly takes its power from decay_rate, whose 0.1 holds the lr near its peak to the last epochs)."""
+    cfg = study.load(REPO / "config.yaml")
+    base = study_lr_curve(cfg, "baseline")
+    schedules = [v for v, spec in cfg["variants"].items() if spec["axis"] == "schedule"]
+    assert {"cosine", "multistep", "poly"} <= set(schedules)
+    for variant in schedules:
+        curve = study_lr_curve(cfg, variant)
+        differ = sum(not math.isclose(a, b, rel_tol=1e-3) for a, b in zip(curve, base, strict=True))
+        assert differ > len(base) // 5, (variant, differ)
+        assert max(curve[int(0.8 * len(curve)) :]) < 0.3 * max(curve), variant  # annealed by 80 % of training
+
+
+def test_optimizer_variants_take_timms_recipe_settings():
+    """RMSpropTF with timm's default eps (1e-10, inside the square root) makes every step sign-like, about 300 times
+    the recipe's at the median gradient: the variant sets timm's recipe eps 1e-3. Adam-type and LAMB scale their lr
+    with the square root of the global batch, as timm's train.py does."""
+    cfg = study.load(REPO / "config.yaml")
+    model = torch.nn.Linear(4, 2)
+
+    def built(variant):
+        return recipe.build_optimizer(model, study.run_recipe(cfg, "mobilenetv3_l", variant, 0)["hparams"], 1)
+
+    rms, _ = built("rmsprop")
+    assert isinstance(rms, RMSpropTF) and rms.defaults["eps"] == 1e-3
+    assert "opt_eps" not in study.run_recipe(cfg, "mobilenetv3_l", "baseline", 0)["hparams"]  # timm's default
+    for variant in ("adamw", "lamb"):
+        _, lr = built(variant)
+        spec = cfg["variants"][variant]
+        assert lr == pytest.approx(spec["lr_base"] * math.sqrt(128 / 256)), variant
+
+
+def test_kaiming_counts_a_grouped_convs_fan_out_per_group():
+    """As timm's own Kaiming init does: torch's kaiming_normal_ counts every output channel of a depthwise conv,
+    drawing its weights sqrt(channels) times too small."""
+    from lcnn.models import reinitialize
+
+    torch.manual_seed(0)
+    depthwise, dense = torch.nn.Conv2d(256, 256, 3, groups=256), torch.nn.Conv2d(64, 256, 3)
+    reinitialize(torch.nn.Sequential(depthwise, dense), "kaiming")
+    assert float(depthwise.weight.std()) == pytest.approx(math.sqrt(2 / 9), rel=0.1)  # fan-out 1 x 3 x 3
+    assert float(dense.weight.std()) == pytest.approx(math.sqrt(2 / (256 * 9)), rel=0.1)
+
+
 def test_augmentation_axis_changes_the_transform():
     def ops(**over):
         return [type(t) for t in recipe.transforms(hp(**over), 32, "mobilevitv2_050")[0].transforms]
