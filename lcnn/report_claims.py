@@ -135,7 +135,8 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, rep: dict, conf: float 
             notes.append(f"ranked without variants that lost seeds: {b['excluded_variants']}")
         not_tuning = sorted(set(rep.get("gain_claim_excludes") or []) & set(mine.get("variant", pd.Series(dtype=object)).dropna()))
         if not_tuning:
-            notes.append(f"not tuning, left out of this claim (report.gain_claim_excludes): {', '.join(not_tuning)}")
+            names = ", ".join(not_tuning)
+            notes.append(f"not tuning, left out of this claim (report.gain_claim_excludes): {names}")
         why_not = gain_incomparable(mine, rep)
         if why_not:
             holds = f"not comparable ({why_not})"
