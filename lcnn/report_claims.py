@@ -133,10 +133,10 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, rep: dict, conf: float 
             notes.append(f"{lost} of {n_base_runs} baseline seeds diverged: the baseline mean is over the rest")
         if b.get("excluded_variants"):
             notes.append(f"ranked without variants that lost seeds: {b['excluded_variants']}")
-        not_tuning = sorted(set(rep.get("gain_claim_excludes") or []) & set(mine.get("variant", pd.Series(dtype=object)).dropna()))
+        trained = set(mine["variant"].dropna()) if "variant" in mine else set()
+        not_tuning = ", ".join(sorted(set(rep.get("gain_claim_excludes") or []) & trained))
         if not_tuning:
-            names = ", ".join(not_tuning)
-            notes.append(f"not tuning, left out of this claim (report.gain_claim_excludes): {names}")
+            notes.append(f"not tuning, left out of this claim (report.gain_claim_excludes): {not_tuning}")
         why_not = gain_incomparable(mine, rep)
         if why_not:
             holds = f"not comparable ({why_not})"
