@@ -159,9 +159,10 @@ def transforms(hp: dict[str, Any], img_size: int, timm_name: str, prefetcher: bo
     erasing are left to :class:`DeviceBatch` on the device.
     """
     norm = normalization(timm_name)
+    # the mean also fills the pixels RandAugment/AutoAugment shift in (timm ignores it for normalisation under the
+    # prefetcher), so the fill is the model's mean with or without the prefetcher, as in timm's train.py
     common: dict[str, Any] = {"interpolation": "bicubic", "use_prefetcher": prefetcher}
-    if not prefetcher:
-        common |= {"mean": norm["mean"], "std": norm["std"]}
+    common |= {"mean": norm["mean"], "std": norm["std"]}
     train = create_transform(
         img_size,
         is_training=True,

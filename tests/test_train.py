@@ -247,6 +247,15 @@ def test_augmentation_axis_changes_the_transform():
     assert isinstance(recipe.build_loss(hp(smoothing=0.1))[0], LabelSmoothingCrossEntropy)
 
 
+@pytest.mark.parametrize("prefetcher", [False, True])
+def test_augmentation_fills_with_the_models_own_mean_with_or_without_the_prefetcher(prefetcher):
+    """MobileViT v2 normalises with mean 0: RandAugment's shifted-in pixels are black for it, not ImageNet's grey
+    (the prefetcher once dropped the mean, and with it the fill)."""
+    train_tf = recipe.transforms(hp(auto_augment="rand-m9-mstd0.5"), 32, "mobilevitv2_050", prefetcher)[0]
+    (ra,) = [t for t in train_tf.transforms if isinstance(t, RandAugment)]
+    assert {op.hparams["img_mean"] for op in ra.ops} == {(0, 0, 0)}
+
+
 @pytest.mark.parametrize("variant", ["randaugment", "autoaugment", "random_erasing"])
 def test_configured_augmentations_apply_to_real_images(variant):
     """Every shipped augmentation policy survives many draws (a bad policy can fail on rare magnitudes)."""
