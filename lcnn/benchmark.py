@@ -17,7 +17,8 @@ Why it is built this way (what a deployment engineer needs to trust the numbers)
 * An out-of-memory batch (``torch.cuda.OutOfMemoryError``, or a CPU allocator's RuntimeError/MemoryError) becomes
   an "oom" row: memory is freed, larger batches of that configuration are recorded as "oom" without running, and
   the next configuration starts again from the smallest batch. Any other exception becomes an "error" row; the
-  sweep goes on and the JSON is always written.
+  sweep goes on and the JSON is always written. A sticky CUDA error (:class:`DeviceLost`) ends the sweep at its
+  row, with no further CUDA call; the JSON of the rows so far is written and the job fails in one line.
 * Deployment forms: "trained", "reparam" (``timm.utils.model.reparameterize_model`` when it changes the model:
   RepVGG, MobileOne, FastViT, TinyViT's conv-bn; checked equal to the trained form with TF32 off, so TF32 noise
   cannot reject it), "compiled" (``torch.compile``; where no compiler is found, or compiling fails, its rows are
@@ -389,7 +390,7 @@ def _sticky_cuda_error(row: dict[str, Any]) -> bool:
 def _not_benchmarked(cfg: dict[str, Any], ran: dict[str, Any]) -> dict[str, Any]:
     """The benchmark file of a model whose benchmarked run did not finish ok: no rows, and the reason."""
     at = ran.get("diverged_at") or {}
-    where = f" at epoch {at['epoch']} step {at['step']}" if at else ""
+    where = (f" ({at['reason']})" if at.get("reason") else f" at epoch {at['epoch']} step {at['step']}") if at else ""
     run = f"{ran.get('model')}/{ran.get('variant')}/seed{ran.get('seed')}"
     reason = f"not benchmarked: its benchmarked run {run} {ran.get('status')}{where}"
     result = {"model": cfg.get("model_name") or cfg["timm_name"], "timm_name": cfg["timm_name"], "rows": []}

@@ -322,6 +322,8 @@ SCHEDULE_USES = {
 }
 # timm optimizers without momentum (create_optimizer_v2 passes it only where has_momentum; tests check the registry)
 NO_MOMENTUM_OPTS = frozenset({"adam", "adamw", "lamb", "lambw", "lion", "adabelief", "adafactor", "nadamw", "adan"})
+# and without an epsilon (create_optimizer_v2 drops eps where not has_eps; tests check the registry)
+NO_EPS_OPTS = frozenset({"sgd", "momentum", "nesterov", "lion"})
 
 
 def unused_hparams(hp: dict[str, Any]) -> set[str]:
@@ -335,8 +337,8 @@ def unused_hparams(hp: dict[str, Any]) -> set[str]:
         unused.add("warmup_lr")
     if str(hp.get("opt")).lower().split("_")[-1] in NO_MOMENTUM_OPTS:
         unused.add("momentum")
-    if hp.get("opt_eps") is None:  # timm's default epsilon of the optimizer: a recipe from before the key reads alike
-        unused.add("opt_eps")
+    if hp.get("opt_eps") is None or str(hp.get("opt")).lower().split("_")[-1] in NO_EPS_OPTS:
+        unused.add("opt_eps")  # timm's default epsilon, or none taken: a recipe from before the key reads alike
     if hp.get("lr_scale") == "none":  # lr_base applies at every global batch
         unused.add("lr_base_size")
     if hp.get("init") != "pretrained":
@@ -350,6 +352,20 @@ def used_hparams(hp: dict[str, Any]) -> dict[str, Any]:
     """``hp`` without the keys :func:`unused_hparams` names."""
     unused = unused_hparams(hp)
     return {k: v for k, v in hp.items() if k not in unused}
+
+
+def rule_marks(hp: dict[str, Any]) -> dict[str, str]:
+    """Marks of rules whose meaning changed with no setting changing (2026-12-07), in the runs they touch, so a run
+    trained under the old rule reruns and its saved state (``lcnn.train.identity``) is refused, instead of the
+    old and the new standing as seeds of one variant: Kaiming re-init counts a grouped conv's fan-out per group
+    (as timm's own init), and RandAugment/AutoAugment fill shifted-in pixels with the model's mean also under the
+    prefetcher."""
+    marks = {}
+    if hp.get("init") == "kaiming":
+        marks["kaiming_fan_out"] = "per_group"
+    if hp.get("auto_augment"):
+        marks["augment_fill"] = "model_mean"
+    return marks
 
 
 def run_recipe(
@@ -371,7 +387,7 @@ def run_recipe(
         "native_img_size": spec.get("img_size", 224),
         "variant": variant,
         "seed": int(seed),
-        "hparams": used_hparams(hp),
+        "hparams": used_hparams(hp) | rule_marks(hp),
         "train": {k: copy.deepcopy(cfg["train"][k]) for k in RECIPE_TRAIN_KEYS},
         # every run of a model takes its input normalisation and evaluation crop from these weights' config (so
         # the initialization axis compares like with like); init: pretrained also loads them

@@ -157,7 +157,9 @@ def check_paths(data_cfg: dict[str, Any]) -> None:
                 "val_dir has class folders)"
             )
         # a labels file over a class-folder tree would find no image at val_dir's top and fail later, per class
-        if not _list_images(val_dir) and any(e.is_dir() and WNID_RE.fullmatch(e.name) for e in os.scandir(val_dir)):
+        entries = list(os.scandir(val_dir))  # one listing: no image at the top, but class folders
+        flat = any(e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS for e in entries)
+        if not flat and any(e.is_dir() and WNID_RE.fullmatch(e.name) for e in entries):
             raise LcnnError(
                 f"data.imagenet.val_dir={val_dir} has class folders, not flat images; set data.imagenet.val_labels "
                 "to null"

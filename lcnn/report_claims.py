@@ -53,18 +53,20 @@ def gain_incomparable(runs: pd.DataFrame, rep: dict) -> str | None:
     classes = sorted({int(v) for v in pd.to_numeric(runs.get("num_classes"), errors="coerce").dropna()})
     if sizes == [rep["claim_img_size"]] and classes == [CLAIM_CLASSES]:
         return None
-    size = "/".join(map(str, sizes)) or "unknown size"
-    return f"{size} px, {'/'.join(map(str, classes)) or 'unknown number of'} classes"
+    size = f"{'/'.join(map(str, sizes))} px" if sizes else "unknown size"
+    return f"{size}, {'/'.join(map(str, classes)) or 'unknown number of'} classes"
 
 
-def shown(value: float, threshold: float, digits: int) -> str:
-    """``value`` to ``digits`` decimals, or to as many more as it takes not to print the threshold it is judged
-    against (4.996 ms under 5 ms reads 4.996, not 5.00)."""
+def shown(value: float, thresholds: tuple[float, ...], digits: int, sign: str = "") -> str:
+    """``value`` to ``digits`` decimals, or to as many more as it takes not to print a threshold it is judged
+    against (4.996 ms under 5 ms reads 4.996, not 5.00); ``sign`` "+" prints a plus on a positive value."""
+    if not math.isfinite(value):
+        return "unbounded" if value > 0 else num(value)
     for d in range(digits, digits + 6):
-        text = f"{value:.{d}f}"
-        if value == threshold or float(text) != threshold:
+        text = f"{value:{sign}.{d}f}"
+        if all(value == t or float(text) != t for t in thresholds):
             return text
-    return f"{value:.{digits + 6}f}"
+    return f"{value:{sign}.{digits + 6}f}"
 
 
 def gain_verdict(lo: float, hi: float, low: float, high: float) -> str:
@@ -96,10 +98,12 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, rep: dict, conf: float 
         n, n_runs = int(b["n"]), int(b.get("n_runs", b["n"] + b.get("n_diverged", 0)))
         ci = f"{label} CI [{num(b['gain_ci_lo'])}, {num(b['gain_ci_hi'])}]" if sig != "n/a" else "CI n/a"
         seeds = f"n={n}" + (f" of {n_runs} ({n_runs - n} diverged)" if n < n_runs else "")
-        measured = f"best {b['best_variant']} ({b['axis']}): {shown(g, low, 2)} pts, {ci}, {seeds} vs {b['n_baseline']}"
+        ends = (low, high)
+        measured = f"best {b['best_variant']} ({b['axis']}): {shown(g, ends, 2, '+')} pts, {ci}, {seeds} vs "
+        measured += str(b["n_baseline"])
         lo, hi = float(b.get("best_gain_lo", math.nan)), float(b.get("best_gain_hi", math.nan))
         if not math.isnan(lo):
-            measured += f"; best true gain in [{num(lo)}, {num(hi) if math.isfinite(hi) else 'unbounded'}]"
+            measured += f"; best true gain in [{shown(lo, ends, 2)}, {shown(hi, ends, 2)}]"
         in_range = low <= g <= high
         beyond = "n/a" if sig == "n/a" else yn(float(b["gain_ci_lo"]) > 0)
         corrected = b["significant_corrected"] == "yes"
@@ -165,8 +169,18 @@ def claims_table(
     The gain claim is about tuning: its best variant is ranked without ``report.gain_claim_excludes`` (pretrained
     weights, trained on all of ImageNet-1K, would win every model by tens of points and hide the tuning's gain);
     the other tables rank every variant."""
-    best, _ = best_tables(gains[~gains["variant"].isin(rep["gain_claim_excludes"])])
+    excluded = gains["variant"].isin(rep["gain_claim_excludes"])
+    best, _ = best_tables(gains[~excluded])
     rows = _gain_claims(best, runs, rep, conf)
+    low, high = rep["gain_range"]
+    for model in sorted(set(gains.loc[excluded, "model"]) - set(best["model"])):  # nothing but non-tuning variants
+        names = ", ".join(sorted(gains.loc[excluded & (gains["model"] == model), "variant"]))
+        rows.append(
+            {"claim_id": "a", "model": model, "claim": f"tuning alone gains {low:g} to {high:g} top-1 points"}
+            | {"measured": f"no tuning variant: only {names} (report.gain_claim_excludes)", "holds": "n/a"}
+            | {"in_range": "n/a", "beyond_seed_noise": "n/a", "device": "training: see runs"}
+            | {"note": "the variants trained are not tuning; train a tuning variant to test the claim"}
+        )
     where = claim_conditions(rep)
     for model in rep["fast_models"]:
         m = models[models["model"] == model]
@@ -179,9 +193,8 @@ def claims_table(
         row["note"] = "best p50 over forms/precisions on the benchmark device"
         measured = m.get("benchmark_note") or "no successful batch-1 measurement"
         if not pd.isna(p50):
-            measured = (
-                f"p50 {shown(p50, rep['latency_ms'], 2)} ms (p99 {num(m['b1_p99_ms'])} ms; {m['b1_config']}, batch 1)"
-            )
+            p99 = f"p99 {num(m['b1_p99_ms'])} ms; {m['b1_config']}, batch 1"
+            measured = f"p50 {shown(p50, (rep['latency_ms'],), 2)} ms ({p99})"
         rows.append(_timing_claim(row, p50, measured, p50 < rep["latency_ms"], why_not, rep))
         thr = m.get("max_throughput_ips", math.nan)
         row = base | {"claim_id": "c", "claim": f"throughput above {rep['throughput_ips']:g} images/s ({where})"}
@@ -189,7 +202,7 @@ def claims_table(
         measured = m.get("benchmark_note") or "no successful measurement"
         if not pd.isna(thr):
             at = f"batch {int(m['max_throughput_batch'])} ({m['max_throughput_config']})"
-            measured = f"{shown(thr, rep['throughput_ips'], 0)} images/s at {at}"
+            measured = f"{shown(thr, (rep['throughput_ips'],), 0)} images/s at {at}"
         rows.append(_timing_claim(row, thr, measured, thr > rep["throughput_ips"], why_not, rep))
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 

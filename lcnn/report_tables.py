@@ -169,7 +169,8 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     df = runs.copy()
     df["hours_unit"] = df["device_type"].map(_hours_unit)
     df["diverged_at"] = [
-        f"epoch {d.get('epoch')} step {d.get('step')}" if isinstance(d, dict) else "" for d in df["diverged_at"]
+        (d.get("reason") or f"epoch {d.get('epoch')} step {d.get('step')}") if isinstance(d, dict) else ""
+        for d in df["diverged_at"]
     ]
     return df.drop(columns=["params"]).sort_values(["model", "variant", "seed"], kind="stable")
 

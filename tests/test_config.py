@@ -112,7 +112,8 @@ RECIPE_EDITS = [
     ("baseline", {"baseline": {"decay_epochs": 7}}, True),
     ("cosine", {"baseline": {"decay_rate": 0.5}}, False),  # cosine's cycle decay is timm's, not decay_rate
     ("poly", {"variants": {"poly": {"decay_rate": 0.5}}}, True),  # poly's power
-    ("baseline", {"baseline": {"opt_eps": 1.0e-6}}, True),
+    ("baseline", {"baseline": {"opt_eps": 1.0e-6}}, False),  # timm's SGD takes no epsilon
+    ("adamw", {"baseline": {"opt_eps": 1.0e-6}}, True),
     ("baseline", {"baseline": {"opt_eps": None}}, False),  # timm's default: what a recipe without the key meant
     ("baseline", {"baseline": {"min_lr": 0.01}}, False),
     ("cosine", {"baseline": {"min_lr": 0.01}}, True),
@@ -156,6 +157,23 @@ def test_an_optuna_trial_keeps_the_settings_its_sampled_values_make_it_use():
     assert "decay_milestones" not in study.run_recipe(cfg, "convnext_t", "baseline", 0)["hparams"]
     trial = study.run_recipe(cfg, "convnext_t", "baseline", 0, overrides={"sched": "multistep"})
     assert trial["hparams"]["decay_milestones"] == REAL["baseline"]["decay_milestones"]
+
+
+def test_rules_that_changed_with_no_setting_mark_the_runs_they_touch():
+    """Kaiming's per-group fan-out and the augmentation fill changed what those runs train: their recipes carry a
+    mark, so a run trained under the old rule reruns instead of standing beside new seeds; other runs are as
+    they were."""
+    cfg = study.validate(copy.deepcopy(REAL))
+    hp = {v: study.run_recipe(cfg, "mobilenetv3_l", v, 0)["hparams"] for v in ("baseline", "kaiming", "randaugment")}
+    assert hp["kaiming"]["kaiming_fan_out"] == "per_group" and hp["randaugment"]["augment_fill"] == "model_mean"
+    assert not {"kaiming_fan_out", "augment_fill"} & hp["baseline"].keys()
+
+
+def test_optimizers_without_an_epsilon_match_timms_registry():
+    from timm.optim._optim_factory import default_registry
+
+    opts = study.schema()["$defs"]["hparams"]["properties"]["opt"]["enum"]
+    assert {o for o in opts if not default_registry.get_optimizer_info(o).has_eps} == study.NO_EPS_OPTS & set(opts)
 
 
 def test_optimizers_without_momentum_match_timms_registry():

@@ -508,8 +508,26 @@ def test_pretrained_weights_are_not_tuning_and_stay_out_of_the_gain_claim() -> N
     rep = report.report_settings({"fast_models": []})
     claim = report_claims.claims_table(gains, pd.DataFrame(columns=["model"]), pd.DataFrame(), runs, rep)
     claim = claim[claim["claim_id"] == "a"].iloc[0]
-    assert claim["measured"].startswith("best randaugment (augmentation): 2.40 pts") and claim["holds"] == "yes"
+    assert claim["measured"].startswith("best randaugment (augmentation): +2.40 pts") and claim["holds"] == "yes"
     assert "not tuning, left out of this claim (report.gain_claim_excludes): pretrained" in claim["note"]
+    # a model with no tuning variant still has its row: n/a, saying why, not a silent gap
+    only = _runs({"p": {"baseline": ("baseline", [40.0, 40.1]), "pretrained": ("initialization", [76.0, 76.1])}})
+    claims = report_claims.claims_table(
+        report_tables.gains_table(only), pd.DataFrame(columns=["model"]), pd.DataFrame(), only, rep
+    )
+    assert claims[["claim_id", "model", "holds"]].values.tolist() == [["a", "p", "n/a"]]
+    assert claims.iloc[0]["measured"] == "no tuning variant: only pretrained (report.gain_claim_excludes)"
+
+
+def test_figures_judged_against_a_threshold_never_print_as_it() -> None:
+    assert report_claims.shown(4.996, (5.0,), 2) == "4.996" and report_claims.shown(4.9, (5.0,), 2) == "4.90"
+    assert (
+        report_claims.shown(3.504, (1.5, 3.5), 2, "+") == "+3.504"
+        and report_claims.shown(1.497, (1.5, 3.5), 2) == "1.497"
+    )
+    assert (
+        report_claims.shown(9800.4, (9800,), 0) == "9800.4" and report_claims.shown(math.inf, (1.5,), 2) == "unbounded"
+    )
 
 
 def test_zero_spread_on_both_sides_is_noise_unmeasurable_not_significant(study: dict) -> None:

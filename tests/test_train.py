@@ -612,6 +612,20 @@ def test_batchnorm_statistics_an_overflow_left_non_finite_end_the_run_unless_pre
     assert "train.precise_bn_batches" in metrics["diverged_at"]["reason"]
 
 
+@pytest.mark.slow
+def test_a_run_under_a_marked_rule_trains_and_its_saved_config_matches_its_recipe(built_data, tmp_path):
+    """The marks of rules that changed (lcnn.config.rule_marks) travel in the hparams: the trainer takes them, and
+    the saved config matches the recipe the workflow compares it with (collect_seeds, int8_bench)."""
+    rc = run_cfg(built_data, tmp_path, variant="kaiming", log_with=[], max_steps_per_epoch=2)
+    rc["hparams"]["epochs"] = 1
+    assert train.run(rc)["epochs_completed"] == 1
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["hparams"]["kaiming_fan_out"] == "per_group"
+    recipe = study.run_recipe(tiny_config(built_data), "mobilevitv2_xs", "kaiming", 0)
+    edited = {"hparams.batch_size", "hparams.epochs", "train.max_steps_per_epoch"}  # what run_cfg and this test set
+    assert set(study.recipe_changes(saved, recipe)) <= edited
+
+
 def test_a_slow_loader_shows_as_loader_wait_in_the_log_history_and_metrics(built_data, tmp_path, monkeypatch, capfd):
     """Time the step spends waiting for its batch is time a GPU idles: every epoch measures it, and past the first
     a loader-bound epoch says so on its line. Here each image takes 20 ms more to load."""
