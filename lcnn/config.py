@@ -335,9 +335,10 @@ def unused_hparams(hp: dict[str, Any]) -> set[str]:
     unused = set(SCHEDULE_KEYS) - SCHEDULE_USES.get(hp.get("sched"), set(SCHEDULE_KEYS))
     if not hp.get("warmup_epochs"):  # timm's schedulers read warmup_lr_init only while t < warmup_t
         unused.add("warmup_lr")
-    if str(hp.get("opt")).lower().split("_")[-1] in NO_MOMENTUM_OPTS:
+    opt = str(hp.get("opt")).lower().split("_")[-1]  # a "lookahead_" prefix wraps the named optimizer
+    if opt in NO_MOMENTUM_OPTS:
         unused.add("momentum")
-    if hp.get("opt_eps") is None or str(hp.get("opt")).lower().split("_")[-1] in NO_EPS_OPTS:
+    if hp.get("opt_eps") is None or opt in NO_EPS_OPTS:
         unused.add("opt_eps")  # timm's default epsilon, or none taken: a recipe from before the key reads alike
     if hp.get("lr_scale") == "none":  # lr_base applies at every global batch
         unused.add("lr_base_size")

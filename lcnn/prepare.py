@@ -149,6 +149,8 @@ def check_paths(data_cfg: dict[str, Any]) -> None:
     if train_dir.resolve() == val_dir.resolve():
         raise LcnnError("data.imagenet.val_dir equals train_dir; set val_dir to the official validation images")
     _missing_folders(train_dir, classes, "train_dir", "ImageNet train folder with one sub-folder per wnid")
+    entries = list(os.scandir(val_dir))  # one listing of the validation folder's top
+    class_folders = any(e.is_dir() and WNID_RE.fullmatch(e.name) for e in entries)
     if cfg["imagenet"]["val_labels"]:
         labels = Path(cfg["imagenet"]["val_labels"]).expanduser()
         if not labels.is_file():
@@ -157,15 +159,13 @@ def check_paths(data_cfg: dict[str, Any]) -> None:
                 "val_dir has class folders)"
             )
         # a labels file over a class-folder tree would find no image at val_dir's top and fail later, per class
-        entries = list(os.scandir(val_dir))  # one listing: no image at the top, but class folders
-        flat = any(e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS for e in entries)
-        if not flat and any(e.is_dir() and WNID_RE.fullmatch(e.name) for e in entries):
+        if class_folders and not any(_is_image(e) for e in entries):
             raise LcnnError(
                 f"data.imagenet.val_dir={val_dir} has class folders, not flat images; set data.imagenet.val_labels "
                 "to null"
             )
     else:
-        if not any(e.is_dir() and WNID_RE.fullmatch(e.name) for e in os.scandir(val_dir)):
+        if not class_folders:
             raise LcnnError(
                 f"data.imagenet.val_dir={val_dir} has no class folders; set data.imagenet.val_labels to "
                 "LOC_val_solution.csv for a flat validation folder"
@@ -242,13 +242,14 @@ def _prepare_one(task: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _is_image(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is an image file (by extension; hidden files are not)."""
+    return entry.is_file() and not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTS
+
+
 def _list_images(folder: Path) -> list[str]:
     """Image file names in ``folder``, sorted so the draw is identical on any machine and file system."""
-    return sorted(
-        e.name
-        for e in os.scandir(folder)
-        if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
-    )
+    return sorted(e.name for e in os.scandir(folder) if _is_image(e))
 
 
 def _shuffled(items: list[Any], seed: int, split: str, cls: str) -> list[Any]:

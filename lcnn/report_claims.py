@@ -46,6 +46,22 @@ def incomparable(model_row: Any, rep: dict) -> str | None:
     return None
 
 
+def gain_claim(rep: dict) -> str:
+    """Claim (a) in words, e.g. "tuning alone gains 1.5 to 3.5 top-1 points"."""
+    low, high = rep["gain_range"]
+    return f"tuning alone gains {low:g} to {high:g} top-1 points"
+
+
+def _untested_gain(model: str, rep: dict, measured: str, note: str) -> dict:
+    """Claim (a)'s row for a model with no gain to test: n/a, with what there is and why."""
+    return {"claim_id": "a", "model": model, "claim": gain_claim(rep), "measured": measured, "holds": "n/a"} | {
+        "in_range": "n/a",
+        "beyond_seed_noise": "n/a",
+        "device": "training: see runs",
+        "note": note,
+    }
+
+
 def gain_incomparable(runs: pd.DataFrame, rep: dict) -> str | None:
     """Why a model's runs cannot test the gain claim (e.g. "32 px, 10 classes"), or None when they were trained at
     the claim's resolution on ImageNet-1K's 1000 classes (the published study's conditions)."""
@@ -88,7 +104,7 @@ def _gain_claims(best: pd.DataFrame, runs: pd.DataFrame, rep: dict, conf: float 
     for _, b in best.iterrows():
         mine = runs[runs["model"] == b["model"]]
         devices = ", ".join(sorted({str(d) for d in mine["device"].dropna()})) or "n/a"
-        row = {"claim_id": "a", "claim": f"tuning alone gains {low:g} to {high:g} top-1 points", "model": b["model"]}
+        row = {"claim_id": "a", "claim": gain_claim(rep), "model": b["model"]}
         row["device"] = f"training: {devices}"
         if b["best_variant"] == "n/a" or pd.isna(b.get("gain")):
             rows.append(row | {"measured": "no comparable variant", "in_range": "n/a", "beyond_seed_noise": "n/a"})
@@ -172,15 +188,11 @@ def claims_table(
     excluded = gains["variant"].isin(rep["gain_claim_excludes"])
     best, _ = best_tables(gains[~excluded])
     rows = _gain_claims(best, runs, rep, conf)
-    low, high = rep["gain_range"]
     for model in sorted(set(gains.loc[excluded, "model"]) - set(best["model"])):  # nothing but non-tuning variants
         names = ", ".join(sorted(gains.loc[excluded & (gains["model"] == model), "variant"]))
-        rows.append(
-            {"claim_id": "a", "model": model, "claim": f"tuning alone gains {low:g} to {high:g} top-1 points"}
-            | {"measured": f"no tuning variant: only {names} (report.gain_claim_excludes)", "holds": "n/a"}
-            | {"in_range": "n/a", "beyond_seed_noise": "n/a", "device": "training: see runs"}
-            | {"note": "the variants trained are not tuning; train a tuning variant to test the claim"}
-        )
+        measured = f"no tuning variant: only {names} (report.gain_claim_excludes)"
+        rows.append(_untested_gain(model, rep, measured, "the variants trained are not tuning; train a tuning variant "
+                                   "to test the claim"))  # fmt: skip
     where = claim_conditions(rep)
     for model in rep["fast_models"]:
         m = models[models["model"] == model]
@@ -210,19 +222,15 @@ def claims_table(
 def halving_claims(claims: pd.DataFrame, summaries: list[dict], rep: dict) -> pd.DataFrame:
     """A halving search that carried no variant to the full budget leaves no gain to test: say so per model."""
     have = set(claims.loc[claims["claim_id"] == "a", "model"])
-    lo, hi = rep["gain_range"]
     rows = []
     for s in summaries:
         if s["model"] in have:
             continue
         last = s["rungs"][-1] if s["rungs"] else {}
         best = next((v for v in last.get("ranking", []) if v != "baseline"), "n/a")
-        rows.append(
-            {"claim_id": "a", "model": s["model"], "claim": f"tuning alone gains {lo:g} to {hi:g} top-1 points"}
-            | {"measured": f"halving kept no variant to the full budget (winner: {s['winner']})", "holds": "n/a"}
-            | {"in_range": "n/a", "beyond_seed_noise": "n/a", "device": "training: see runs"}
-            | {"note": f"every variant was eliminated by rung {last.get('rung')} (best then: {best}); no gain measured"}
-        )
+        measured = f"halving kept no variant to the full budget (winner: {s['winner']})"
+        note = f"every variant was eliminated by rung {last.get('rung')} (best then: {best}); no gain measured"
+        rows.append(_untested_gain(s["model"], rep, measured, note))
     if not rows:
         return claims
     out = pd.concat([claims, pd.DataFrame(rows, columns=claims.columns)], ignore_index=True)
